@@ -1,0 +1,2 @@
+"""Diff-Plugin (Liu et al., CVPR 2024)."""
+NODES: list = []

