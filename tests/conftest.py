@@ -98,3 +98,20 @@ def sd15_full(sd15_checkpoint):
 
 def pytest_configure(config):
     logging.getLogger("PIL").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, sd15_checkpoint):
+    """The real ComfyUI server with PlugKit in custom_nodes and the random SD1.5 checkpoint."""
+    from tools.models import CHECKPOINT_NAME
+    from tools.server import ComfyServer
+    from tools.test_models import prepare_model_files
+
+    base = tmp_path_factory.mktemp("comfy_base")
+    srv = ComfyServer(base, checkpoints={CHECKPOINT_NAME: sd15_checkpoint},
+                      model_files=prepare_model_files())
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
