@@ -1,0 +1,202 @@
+"""Differential Diffusion nodes: PlugKitDifferentialDiffusion and PlugKitChangeMap.
+
+Technique: Levin & Fried, "Differential Diffusion: Giving Each Pixel Its Strength" (2023),
+official code exx8/differential-diffusion. ComfyUI core's DifferentialDiffusion node is the hook
+model (a denoise-mask function); this pack's code is written from those sources, not copied.
+The math lives in ``mask_schedule`` and ``change_map``; this file is glue.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..comfy_io import io, ui
+from . import change_map as cm
+from .mask_schedule import (
+    blend_strength,
+    sigma_free_mask,
+    sigma_threshold,
+    step_free_mask,
+    step_index,
+)
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "PlugKit/Differential Diffusion"
+SCHEDULES = ("sigma", "step")
+PAPER = "https://arxiv.org/abs/2306.00950"
+
+
+class DenoiseMaskSchedule:
+    """The denoise-mask function (``model_options["denoise_mask_function"]``).
+
+    Called by ComfyUI's sampler before every model evaluation with the current sigma, the latent's
+    noise mask (white = change, already at latent size) and ``extra_options`` holding the sampler's
+    ``sigmas`` (the steps actually run) and the wrapped model. Uses only the model's
+    ``model_sampling`` (sigma <-> timestep), never its network, so it works for U-Nets and DiTs.
+    Stateless between calls: the step index is derived from ``sigmas`` and the current sigma.
+    """
+
+    def __init__(self, schedule: str = "sigma", strength: float = 1.0, exact_keep: bool = False):
+        self.schedule = schedule
+        self.strength = float(strength)
+        self.exact_keep = bool(exact_keep)
+
+    def __repr__(self) -> str:
+        return (f"DenoiseMaskSchedule(schedule={self.schedule!r}, strength={self.strength}, "
+                f"exact_keep={self.exact_keep})")
+
+    def __call__(self, sigma: torch.Tensor, denoise_mask: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        sigmas = extra_options["sigmas"]
+        if self.schedule == "step":
+            steps = max(len(sigmas) - 1, 1)
+            binary = step_free_mask(denoise_mask, step_index(sigma.flatten()[0], sigmas), steps)
+        else:
+            sampling = extra_options["model"].inner_model.model_sampling
+            sigma_to = sampling.sigma_min
+            if sigmas[-1] > sigma_to:
+                sigma_to = sigmas[-1]
+            threshold = sigma_threshold(
+                sampling.timestep(sigma[0]), sampling.timestep(sigmas[0]), sampling.timestep(sigma_to)
+            )
+            binary = sigma_free_mask(denoise_mask, threshold, self.exact_keep)
+        return blend_strength(binary, denoise_mask, self.strength)
+
+
+def attach_change_map(samples: dict, change_map: torch.Tensor, convention: str, node: str) -> dict:
+    """A copy of ``samples`` whose ``noise_mask`` is the map, white=change, resized to the latent."""
+    latent = samples["samples"]
+    lat_b = latent.shape[0]
+    lat_hw = (latent.shape[-2], latent.shape[-1])
+    try:
+        m = cm.as_batch(change_map)
+    except ValueError as e:
+        raise ValueError(f"{node}: input 'change_map': {e}") from None
+    if m.shape[0] not in (1, lat_b):
+        raise ValueError(
+            f"{node}: input 'change_map' has {m.shape[0]} maps but 'samples' holds a batch of {lat_b}; "
+            f"connect a single map (used for every item) or exactly {lat_b} maps (one per item)."
+        )
+    map_hw = (m.shape[-2], m.shape[-1])
+    if cm.aspect_mismatch(map_hw, lat_hw):
+        log.warning(
+            "%s: the change map is %dx%d (w x h) but the latent is %dx%d; it is stretched to fit. "
+            "Crop or pad the map to the image's aspect ratio to avoid a distorted map.",
+            node, map_hw[1], map_hw[0], lat_hw[1], lat_hw[0],
+        )
+    change = cm.to_change(m, convention)
+    out = dict(samples)
+    if "noise_mask" in samples:
+        log.info("%s: the latent already had a noise_mask; the change map replaces it.", node)
+    out["noise_mask"] = cm.resize_to(change, lat_hw).to(latent.device)
+    return out
+
+
+class PlugKitDifferentialDiffusion(io.ComfyNode):
+    """Differential Diffusion with the change map on the node, both conventions and both schedules."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PlugKitDifferentialDiffusion",
+            display_name="Differential Diffusion (PlugKit)",
+            category=CATEGORY,
+            description=(
+                "Lets every pixel change by its own amount, following a change map. Connect the MODEL "
+                "and LATENT outputs to the same sampler."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to patch (any model ComfyUI samples: SD1.x, SDXL, SD3, Flux, ...)."),
+                io.Latent.Input("samples", tooltip="The encoded image to edit (e.g. from VAE Encode)."),
+                io.Mask.Input("change_map", tooltip="How much each pixel may change, 0..1 (see map_convention). Any size: it is resized to the latent."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="1: the map's per-step binary masks (Differential Diffusion). Lower values blend in the soft map (0: plain soft-mask inpainting)."),
+                io.Combo.Input("map_convention", options=list(cm.CONVENTIONS), default=cm.WHITE_CHANGE,
+                               tooltip="white=change: ComfyUI's convention (white = change fully, black = keep). white=keep: the official code's and paper's convention."),
+                io.Combo.Input("schedule", options=list(SCHEDULES), default="sigma",
+                               tooltip="sigma: ComfyUI core's rule (threshold linear in the model's timestep). step: the official rule (a pixel with keep value k is held for the first k*N of the N steps run)."),
+                io.Boolean.Input("exact_keep", default=False, optional=True,
+                                 tooltip="sigma schedule only: never free pixels whose change value is 0, even on the final step of schedulers that end at the model's minimum sigma (normal, karras). Off reproduces core exactly."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the Differential Diffusion mask schedule."),
+                io.Latent.Output(display_name="LATENT", tooltip="The samples with the change map attached as their noise mask (white = change, latent size)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, samples, change_map, strength=1.0, map_convention=cm.WHITE_CHANGE,
+                schedule="sigma", exact_keep=False) -> io.NodeOutput:
+        node = "PlugKitDifferentialDiffusion"
+        if map_convention not in cm.CONVENTIONS:
+            raise ValueError(f"{node}: input 'map_convention' is {map_convention!r}; use one of {list(cm.CONVENTIONS)}.")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"{node}: input 'schedule' is {schedule!r}; use one of {list(SCHEDULES)}.")
+        latent = attach_change_map(samples, change_map, map_convention, node)
+        m = model.clone()
+        previous = m.model_options.get("denoise_mask_function")
+        if previous is not None:
+            log.warning(
+                "%s: the model already has a denoise mask function (%r, e.g. from core Differential "
+                "Diffusion); it is replaced. Apply only one Differential Diffusion node per model.",
+                node, previous,
+            )
+        m.set_model_denoise_mask_function(DenoiseMaskSchedule(schedule, strength, exact_keep))
+        return io.NodeOutput(m, latent)
+
+
+class PlugKitChangeMap(io.ComfyNode):
+    """Builds a change map (MASK) from an IMAGE or a MASK, with a preview."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PlugKitChangeMap",
+            display_name="Change Map (PlugKit)",
+            category=CATEGORY,
+            description="Turns an image (gradient, depth map, drawing) or a mask into a Differential Diffusion change map.",
+            inputs=[
+                io.Image.Input("image", optional=True, tooltip="Source image (connect this or mask, not both)."),
+                io.Mask.Input("mask", optional=True, tooltip="Source mask (connect this or image, not both)."),
+                io.Combo.Input("channel", options=list(cm.CHANNELS), default="luminance",
+                               tooltip="Which image value becomes the map: luminance (Rec. 709), one channel, or the RGB average. Ignored for a mask."),
+                io.Boolean.Input("invert", default=False, tooltip="Flip the map (1 - value), e.g. to turn a near=white depth map into near=keep."),
+                io.Float.Input("gamma", default=1.0, min=0.05, max=10.0, step=0.05,
+                               tooltip="value ** gamma: above 1 darkens the mid-tones, below 1 brightens them."),
+                io.Float.Input("contrast", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="Contrast around mid-grey: (value - 0.5) * contrast + 0.5, clamped to 0..1."),
+                io.Float.Input("blur_radius", default=0.0, min=0.0, max=256.0, step=0.5,
+                               tooltip="Gaussian blur / feather radius in pixels (sigma = radius / 2); softens seams."),
+                io.Int.Input("levels", default=0, min=0, max=256,
+                             tooltip="Quantise into this many evenly spaced levels (0 or 1: off)."),
+                io.Float.Input("min_value", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Clamp: lowest value of the map."),
+                io.Float.Input("max_value", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Clamp: highest value of the map."),
+            ],
+            outputs=[
+                io.Mask.Output(display_name="change_map", tooltip="The change map (MASK, 0..1)."),
+                io.Image.Output(display_name="preview", tooltip="The map as a grey IMAGE."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, image=None, mask=None, channel="luminance", invert=False, gamma=1.0, contrast=1.0,
+                blur_radius=0.0, levels=0, min_value=0.0, max_value=1.0) -> io.NodeOutput:
+        node = "PlugKitChangeMap"
+        if (image is None) == (mask is None):
+            raise ValueError(f"{node}: connect exactly one of the inputs 'image' and 'mask' "
+                             f"({'both are' if image is not None else 'neither is'} connected).")
+        if min_value > max_value:
+            raise ValueError(f"{node}: input 'min_value' ({min_value}) is above 'max_value' ({max_value}); lower it.")
+        if channel not in cm.CHANNELS:
+            raise ValueError(f"{node}: input 'channel' is {channel!r}; use one of {list(cm.CHANNELS)}.")
+        try:
+            out = cm.build_change_map(
+                image if image is not None else mask, is_image=image is not None, channel=channel,
+                invert=invert, gamma=gamma, contrast=contrast, blur_radius=blur_radius, levels=levels,
+                low=min_value, high=max_value,
+            )
+        except ValueError as e:
+            raise ValueError(f"{node}: input '{'image' if image is not None else 'mask'}': {e}") from None
+        preview = out.unsqueeze(-1).expand(-1, -1, -1, 3).contiguous()
+        return io.NodeOutput(out, preview, ui=ui.PreviewMask(out))
