@@ -1,0 +1,18 @@
+# PlugKit's commands. Each sets up what it needs first (venv, torch, ComfyUI host); see README.
+PY := .venv/bin/python
+
+.PHONY: setup demo test bench clean
+setup:
+	bash tools/setup.sh
+
+demo: setup
+	$(PY) -m tools.demo
+
+test: setup
+	$(PY) -m pytest tests
+
+bench: setup
+	$(PY) -m tools.bench $(TECHNIQUES)
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,1 @@
+"""Benchmarks, one module per technique: ``run(ctx) -> str`` (see tools/bench.py)."""

@@ -1,0 +1,68 @@
+"""The development tooling itself: benchmark runner helpers, workflow conversion, comparison sheets."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tools.bench import BenchContext
+from tools.workflow import Workflow, WorkflowError, ui_to_api
+
+INFO = {
+    "Loader": {"input": {"required": {"ckpt_name": [["a.safetensors", "b.safetensors"], {}]}},
+               "output": ["MODEL"], "output_name": ["MODEL"]},
+    "Sampler": {"input": {"required": {"model": ["MODEL", {}],
+                                       "seed": ["INT", {"default": 0, "control_after_generate": True}],
+                                       "cfg": ["FLOAT", {"default": 8.0}],
+                                       "mode": ["COMBO", {"options": ["x", "y"]}]},
+                          "optional": {"image": ["IMAGE", {}]}},
+                "output": ["LATENT"], "output_name": ["LATENT"]},
+}
+
+
+def test_ui_roundtrip_resolves_defaults_and_seed_control():
+    wf = Workflow(INFO)
+    a = wf.add("Loader", ckpt_name="b.safetensors")
+    wf.add("Sampler", model=a[0], seed=5)
+    ui = wf.to_ui()
+    sampler = ui["nodes"][1]
+    assert sampler["widgets_values"] == [5, "fixed", 8.0, "x"]
+    assert ui["links"] == [[1, 1, 0, 2, 0, "MODEL"]]
+    api = ui_to_api(json.loads(json.dumps(ui)), INFO)
+    assert api["2"] == {"class_type": "Sampler",
+                        "inputs": {"model": ["1", 0], "seed": 5, "cfg": 8.0, "mode": "x"}}
+
+
+def test_unknown_node_and_input_are_errors():
+    wf = Workflow(INFO)
+    with pytest.raises(WorkflowError):
+        wf.add("Nope")
+    with pytest.raises(WorkflowError, match="no inputs"):
+        wf.add("Loader", wrong=1)
+    with pytest.raises(WorkflowError, match="not installed"):
+        ui_to_api({"nodes": [{"id": 1, "type": "Nope"}], "links": []}, INFO)
+
+
+def test_alternate_measures_each_case_and_ratio_table(monkeypatch):
+    calls = []
+    ctx = BenchContext.__new__(BenchContext)  # no host needed for the timing helpers
+    ctx.repeats = 3
+    times = ctx.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")})
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then strictly alternating
+    assert all(len(v) == 3 for v in times.values())
+    table = BenchContext.ratio_table([("a", 2.0), ("b", 3.0)], "a")
+    assert "| b | 3.0000 | 1.500x |" in table
+
+
+def test_comparison_sheet(tmp_path):
+    from PIL import Image
+
+    from tools.demo import comparison_sheet
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (64, 64), "red").save(a)
+    Image.new("RGB", (64, 64), "blue").save(b)
+    sheet = Image.open(comparison_sheet([(a, "off")], [(b, "on")], tmp_path / "s.png", "t")).convert("RGB")
+    assert sheet.width > 2 * 256
+    px = [sheet.getpixel((x, 32 + 24 + 100)) for x in range(sheet.width)]
+    assert (255, 0, 0) in px and (0, 0, 255) in px

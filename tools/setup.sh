@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set up everything PlugKit's demo, tests and benchmarks need, idempotently:
+# a venv, torch, the ComfyUI host (COMFYUI_PATH or the pinned 0.3.75), its requirements, test deps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${PLUGKIT_VENV:-.venv}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --upgrade pip
+fi
+VPY="$VENV/bin/python"
+
+if ! "$VPY" -c "import torch, torchvision" 2>/dev/null; then
+  case "$(uname -m)" in
+    aarch64|arm64) TORCH="torch==2.9.1 torchvision==0.24.1" ;;
+    *) TORCH="torch==2.14.1 torchvision==0.29.1" ;;
+  esac
+  echo "[setup] installing $TORCH"
+  "$VPY" -m pip install --quiet $TORCH
+fi
+
+HOST=$("$VPY" -m tools.host)
+echo "[setup] ComfyUI host: $HOST"
+
+STAMP="$VENV/.plugkit-setup-$(cat "$HOST/requirements.txt" requirements.txt tests/requirements.txt | sha256sum | cut -c1-16)"
+if [ ! -f "$STAMP" ]; then
+  echo "[setup] installing ComfyUI's requirements and the test dependencies"
+  "$VPY" -m tools.host requirements > "$VENV/host-requirements.txt"
+  "$VPY" -m pip install --quiet -r "$VENV/host-requirements.txt" -r requirements.txt -r tests/requirements.txt
+  touch "$STAMP"
+fi
