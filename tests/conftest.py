@@ -5,7 +5,6 @@ use the ``comfy`` fixture (real ComfyUI modules in-process); tests/e2e drives a 
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -19,38 +18,12 @@ if str(REPO) not in sys.path:
 from tools import host  # noqa: E402
 
 
-def _register_pack() -> None:
-    """Import the repo as package ``plugkit`` (as ComfyUI would, under another name)."""
-    if "plugkit" in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location(
-        "plugkit", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["plugkit"] = module
-    spec.loader.exec_module(module)
-
-
-_register_pack()
-
-_HOST_READY = False
+host.register_pack()
 
 
 def ensure_host() -> Path:
     """Put the ComfyUI host on sys.path and configure it for this machine (tests only)."""
-    global _HOST_READY
-    path = host.comfyui_path()
-    if not _HOST_READY:
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
-        import torch
-        import comfy.cli_args
-
-        if not torch.cuda.is_available():
-            comfy.cli_args.args.cpu = True
-        import comfy.model_management  # noqa: F401  (device selection happens at import)
-        _HOST_READY = True
-    return path
+    return host.setup_in_process()
 
 
 @pytest.fixture(scope="session")

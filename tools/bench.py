@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .host import REPO, comfyui_path
+from .host import REPO, setup_in_process
 
 log = logging.getLogger(__name__)
 
@@ -35,30 +35,7 @@ class BenchContext:
     def __init__(self, repeats: int = 5):
         self.repeats = repeats
         self._sd15 = None
-        path = comfyui_path()
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
-        import torch
-        import comfy.cli_args
-
-        if not torch.cuda.is_available():
-            comfy.cli_args.args.cpu = True
-        import comfy.model_management  # noqa: F401
-        if str(REPO) not in sys.path:
-            sys.path.insert(0, str(REPO))
-        self._register_pack()
-
-    @staticmethod
-    def _register_pack() -> None:
-        import importlib.util
-
-        if "plugkit" in sys.modules:
-            return
-        spec = importlib.util.spec_from_file_location("plugkit", REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["plugkit"] = module
-        spec.loader.exec_module(module)
+        setup_in_process()
 
     # -- models ----------------------------------------------------------------------------
     def sd15_full(self):

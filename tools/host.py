@@ -93,3 +93,38 @@ if __name__ == "__main__":
         print("\n".join(host_requirements(p)))
     else:
         print(p)
+
+
+_IN_PROCESS = False
+
+
+def register_pack(name: str = "plugkit") -> None:
+    """Import this repository as package ``name``, as ComfyUI would import it from custom_nodes."""
+    import importlib.util
+
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
+def setup_in_process() -> Path:
+    """Make ComfyUI importable in this process (tests, benchmarks, tools), on the CPU when there is
+    no CUDA, with the pack importable as ``plugkit``. Returns the host's path."""
+    global _IN_PROCESS
+    path = comfyui_path()
+    if not _IN_PROCESS:
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+        import torch
+        import comfy.cli_args
+
+        if not torch.cuda.is_available():
+            comfy.cli_args.args.cpu = True
+        import comfy.model_management  # noqa: F401  (device selection happens at import)
+        _IN_PROCESS = True
+    register_pack()
+    return path
