@@ -1,0 +1,448 @@
+"""Plug-and-Play injection hooks on a ComfyUI U-Net (host side: imports ComfyUI).
+
+How one sampling run works (see docs/pnp.md):
+
+- ``PnPSampleWrapper`` (OUTER_SAMPLE) validates the run against the source (latent size, batch,
+  model family) and puts a fresh ``PnPRun`` into the run's own ``transformer_options``; the run's
+  model options are restored in ``finally``, so nothing survives the run.
+- ``PnPApplyModelWrapper`` (APPLY_MODEL) decides per model call whether the current step is inside
+  an injection window. Outside both windows it calls the model with exactly the batch it was given.
+  Inside, it appends one source chunk (the source latent at the current sigma, with the source's
+  own conditioning captured at inversion) to the batch, publishes an ``InjectionCall`` through a
+  context variable for the duration of the call, and drops the source rows from the output.
+- ``FeatureInjectionResBlock`` (object patch on ``output_blocks.<i>.0``) overwrites the residual
+  branch (after ``out_layers``, before the skip is added) of every target row with its source row.
+- ``AttentionInjection`` (attn1 replace on the chosen decoder blocks) overwrites q and k (not v)
+  of every target row with its source row, then runs ComfyUI's optimized attention (or the replace
+  that was registered before it).
+"""
+from __future__ import annotations
+
+import contextvars
+import logging
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_patcher
+import comfy.patcher_extension
+from comfy.ldm.modules.attention import SpatialTransformer
+from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
+
+from .ddim_inversion import SourceTrajectory, injection_steps, step_index
+
+log = logging.getLogger(__name__)
+
+WRAPPER_KEY = "plugkit_pnp"
+RUN_KEY = "plugkit_pnp_run"
+SOURCE_UUID = uuid.UUID("9b1c8d2e-5f1a-4c57-9a43-7f1d2a9c0e11")  # the source chunk's uuid in a batch
+
+# Family defaults (decoder = ComfyUI ``output_blocks``). SD1.x/2.x have 12 decoder blocks: the
+# official features come from block 4 (diffusers up_blocks[1].resnets[1]) and q/k from blocks 4-11.
+# SDXL has 9: the same position (second block of the first 1/4-resolution decoder level) is block
+# 1, and the decoder attention except its first block is blocks 1-5.
+FAMILY_DEFAULTS = {
+    12: {"name": "SD1.x/SD2.x", "features": (4,), "attention": tuple(range(4, 12))},
+    9: {"name": "SDXL", "features": (1,), "attention": tuple(range(1, 6))},
+}
+
+_CALL: contextvars.ContextVar[Optional["InjectionCall"]] = contextvars.ContextVar("plugkit_pnp_call", default=None)
+
+
+@dataclass
+class InjectionCall:
+    """What the hooks need during one U-Net call: which rows are targets and where their source is.
+
+    ``index`` has one entry per batch row: for a target row the source row to copy from, for a
+    source row itself. ``observe`` (optional) receives ``(kind, key, tensor...)`` (feature maps).
+    """
+
+    n_total: int
+    index: Optional[torch.Tensor]
+    features: bool = False
+    attention: bool = False
+    observe: Optional[Callable[..., None]] = None
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        idx = self.index if self.index.device == t.device else self.index.to(t.device)
+        return t.index_select(0, idx)
+
+
+def current_call() -> Optional[InjectionCall]:
+    return _CALL.get()
+
+
+class call_scope:
+    """``with call_scope(call): ...`` publishes ``call`` to the hooks and always withdraws it."""
+
+    def __init__(self, call: InjectionCall):
+        self.call = call
+        self.token = None
+
+    def __enter__(self):
+        self.token = _CALL.set(self.call)
+        return self.call
+
+    def __exit__(self, *exc):
+        _CALL.reset(self.token)
+        return False
+
+
+# ---- model checks ---------------------------------------------------------------------------------
+
+def unet_of(model, node: str):
+    """The model's U-Net, or a clear error for other architectures."""
+    diffusion_model = getattr(model.model, "diffusion_model", None)
+    if not isinstance(diffusion_model, UNetModel):
+        kind = type(diffusion_model).__name__ if diffusion_model is not None else type(model.model).__name__
+        raise ValueError(
+            f"{node}: input 'model' is a {kind} model; Plug-and-Play injects into U-Net decoder "
+            f"blocks and supports SD1.x, SD2.x and SDXL U-Nets only. Connect such a checkpoint."
+        )
+    return diffusion_model
+
+
+def model_family(model) -> str:
+    """A family label (ComfyUI's model config class, e.g. SD15, SD20, SDXL)."""
+    cfg = getattr(model.model, "model_config", None)
+    return type(cfg).__name__ if cfg is not None else type(model.model).__name__
+
+
+def family_defaults(unet, node: str) -> dict:
+    n = len(unet.output_blocks)
+    if n not in FAMILY_DEFAULTS:
+        raise ValueError(
+            f"{node}: this U-Net has {n} decoder blocks; the defaults cover SD1.x/SD2.x (12) and SDXL "
+            f"(9). Set 'feature_blocks' and 'attention_blocks' explicitly."
+        )
+    return FAMILY_DEFAULTS[n]
+
+
+def parse_blocks(text: str, n_blocks: int, node: str, name: str) -> tuple[int, ...]:
+    """``"4"``, ``"4-11"``, ``"1, 3-5"`` or ``"none"`` -> sorted decoder block indices."""
+    text = (text or "").strip().lower()
+    if text in ("none", "-"):
+        return ()
+    out: set[int] = set()
+    for part in text.replace(";", ",").split(","):
+        part = part.strip().removeprefix("output.").removeprefix("output_blocks.")
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = (int(p) for p in part.split("-", 1))
+                rng = range(a, b + 1)
+            else:
+                rng = range(int(part), int(part) + 1)
+        except ValueError:
+            raise ValueError(
+                f"{node}: input '{name}' has {part!r}; write decoder block indices like '4', '4-11' or '1, 3-5'."
+            ) from None
+        for i in rng:
+            if not 0 <= i < n_blocks:
+                raise ValueError(f"{node}: input '{name}': decoder block {i} does not exist (this U-Net has 0-{n_blocks - 1}).")
+            out.add(i)
+    return tuple(sorted(out))
+
+
+def check_blocks(unet, features: tuple[int, ...], attention: tuple[int, ...], node: str) -> None:
+    for i in features:
+        if not isinstance(unet.output_blocks[i][0], ResBlock):
+            raise ValueError(f"{node}: decoder block {i} does not start with a ResBlock; pick another feature block.")
+    for i in attention:
+        if not any(isinstance(m, SpatialTransformer) for m in unet.output_blocks[i]):
+            raise ValueError(
+                f"{node}: decoder block {i} has no self-attention; pick attention blocks among "
+                f"{[j for j, b in enumerate(unet.output_blocks) if any(isinstance(m, SpatialTransformer) for m in b)]}."
+            )
+
+
+def attention_depth(unet, block: int) -> int:
+    for m in unet.output_blocks[block]:
+        if isinstance(m, SpatialTransformer):
+            return len(m.transformer_blocks)
+    return 0
+
+
+# ---- hooks ----------------------------------------------------------------------------------------
+
+class FeatureInjectionResBlock(ResBlock):
+    """A ResBlock that shares every layer of ``block`` and can overwrite target rows' features.
+
+    Its children are the original block's own modules (same parameters, same state-dict keys), so
+    weight patches (LoRA), device moves and offloading act on it exactly as on the original. With
+    no active ``InjectionCall`` it calls the original block's forward (bit-identical output).
+    """
+
+    def __init__(self, block: ResBlock, block_id: int):
+        torch.nn.Module.__init__(self)
+        if type(block) is not ResBlock and not isinstance(block, FeatureInjectionResBlock):
+            raise TypeError(f"feature injection supports plain ResBlocks, not {type(block).__name__}")
+        inner = block._plain if isinstance(block, FeatureInjectionResBlock) else block
+        for name, value in vars(inner).items():
+            if not name.startswith("_") and not isinstance(value, torch.nn.Module):
+                setattr(self, name, value)
+        for name, child in inner.named_children():
+            self.add_module(name, child)
+        self._plain_ref = (inner,)  # a tuple: not registered as a child (no duplicate parameters)
+        self.block_id = int(block_id)
+
+    @property
+    def _plain(self) -> ResBlock:
+        return self._plain_ref[0]
+
+    def forward(self, x, emb):
+        call = _CALL.get()
+        if call is None or not (call.features or call.observe is not None) or x.shape[0] != call.n_total:
+            return self._plain(x, emb)
+        # ResBlock._forward (ComfyUI 0.3.75), with the residual branch exposed before the skip add.
+        if self.updown:
+            in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
+            h = in_rest(x)
+            h = self.h_upd(h)
+            x = self.x_upd(x)
+            h = in_conv(h)
+        else:
+            h = self.in_layers(x)
+        emb_out = None
+        if not self.skip_t_emb:
+            emb_out = self.emb_layers(emb).type(h.dtype)
+            while len(emb_out.shape) < len(h.shape):
+                emb_out = emb_out[..., None]
+        if self.use_scale_shift_norm:
+            out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
+            h = out_norm(h)
+            if emb_out is not None:
+                scale, shift = torch.chunk(emb_out, 2, dim=1)
+                h *= (1 + scale)
+                h += shift
+            h = out_rest(h)
+        else:
+            if emb_out is not None:
+                if self.exchange_temb_dims:
+                    emb_out = emb_out.movedim(1, 2)
+                h = h + emb_out
+            h = self.out_layers(h)
+        if call.observe is not None:
+            call.observe("features", self.block_id, h)
+        if call.features and call.index is not None:
+            h = call.take(h)
+        return self.skip_connection(x) + h
+
+
+class AttentionInjection:
+    """attn1 replace: target rows take the source row's q and k; v stays their own."""
+
+    def __init__(self, previous: Optional[Callable] = None):
+        self.previous = previous
+
+    def __repr__(self) -> str:
+        return f"AttentionInjection(previous={self.previous!r})"
+
+    def __call__(self, q, k, v, extra_options):
+        call = _CALL.get()
+        if call is not None and q.shape[0] == call.n_total:
+            if call.observe is not None:
+                call.observe("attention", extra_options.get("block"), q, k, extra_options)
+            if call.attention and call.index is not None:
+                q = call.take(q)
+                k = call.take(k)
+        if self.previous is not None:
+            return self.previous(q, k, v, extra_options)
+        return comfy_attention.optimized_attention(
+            q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
+            transformer_options=extra_options,
+        )
+
+
+# ---- per-run state and the wrappers ---------------------------------------------------------------
+
+@dataclass
+class PnPRun:
+    """State of one sampling run (built in OUTER_SAMPLE, gone after it)."""
+
+    source: Any  # PnPSource
+    feature_share: float
+    attention_share: float
+    trajectory: Optional[SourceTrajectory] = None
+    kwargs_cache: dict = field(default_factory=dict)
+    warned: set = field(default_factory=set)
+    calls_injected: int = 0
+
+    def warn_once(self, key: str, msg: str, *args) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            log.warning(msg, *args)
+
+    def trajectory_on(self, device) -> SourceTrajectory:
+        if self.trajectory is None or self.trajectory.device != torch.device(device):
+            self.trajectory = self.source.trajectory.to(device)
+        return self.trajectory
+
+    def windows(self, sigma: float, sample_sigmas) -> tuple[bool, bool]:
+        if sample_sigmas is None:
+            sample_sigmas = self.source.trajectory.sigmas
+        n = max(len(sample_sigmas) - 1, 1)
+        i = step_index(sigma, sample_sigmas)
+        return i < injection_steps(n, self.feature_share), i < injection_steps(n, self.attention_share)
+
+
+def _pad_control(control, n_extra: int):
+    if control is None:
+        return None
+    out = {}
+    for key, value in control.items():
+        if isinstance(value, list):
+            padded = []
+            for c in value:
+                if torch.is_tensor(c):
+                    c = torch.cat([c, c.new_zeros((n_extra,) + tuple(c.shape[1:]))])
+                padded.append(c)
+            out[key] = padded
+        else:
+            out[key] = value
+    return out
+
+
+def _repeat_tokens(c: torch.Tensor, length: int) -> torch.Tensor:
+    return c if c.shape[1] == length else c.repeat(1, length // c.shape[1], 1)
+
+
+class PnPApplyModelWrapper:
+    """APPLY_MODEL wrapper: adds the source chunk inside injection windows, nothing outside them."""
+
+    def __repr__(self) -> str:
+        return "PnPApplyModelWrapper()"
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        run: Optional[PnPRun] = transformer_options.get(RUN_KEY)
+        if run is None:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        sigma = float(t.flatten()[0])
+        features, attention = run.windows(sigma, transformer_options.get("sample_sigmas"))
+        if not (features or attention):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        extended = self._extend(run, x, t, c_concat, c_crossattn, control, transformer_options, kwargs)
+        if extended is None:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        x2, t2, c_concat2, c_crossattn2, control2, options2, kwargs2, index = extended
+        n = x.shape[0]
+        run.calls_injected += 1
+        with call_scope(InjectionCall(n_total=x2.shape[0], index=index, features=features, attention=attention)):
+            out = executor(x2, t2, c_concat2, c_crossattn2, control2, options2, **kwargs2)
+        return out[:n]
+
+    @staticmethod
+    def _extend(run: PnPRun, x, t, c_concat, c_crossattn, control, transformer_options, kwargs):
+        source = run.source
+        src_shape = source.trajectory.shape
+        if tuple(x.shape[1:]) != tuple(src_shape[1:]):
+            run.warn_once("area", "PlugKitPnPInject: a model call on a %s crop (area conditioning?) "
+                          "does not match the source latent %s; that call runs without injection.",
+                          tuple(x.shape[1:]), tuple(src_shape[1:]))
+            return None
+        n = x.shape[0]
+        cond_or_uncond = list(transformer_options.get("cond_or_uncond", [0]))
+        chunks = max(len(cond_or_uncond), 1)
+        chunk = n // chunks
+        if chunk * chunks != n:
+            chunk = n
+        s = src_shape[0]
+        rows = torch.arange(chunk) % s
+        sigma = float(t.flatten()[0])
+        traj = run.trajectory_on(x.device)
+        src_x = traj.at(sigma).index_select(0, rows.to(traj.device)).to(device=x.device, dtype=x.dtype)
+        x2 = torch.cat([x, src_x])
+        t2 = torch.cat([t, t[:1].expand(chunk)])
+        src_kw = source.model_kwargs
+        if c_crossattn is not None:
+            src_c = src_kw.get("c_crossattn")
+            if src_c is None:
+                run.warn_once("ctx", "PlugKitPnPInject: the source has no cross-attention context; injection skipped.")
+                return None
+            src_c = src_c.index_select(0, rows).to(device=c_crossattn.device, dtype=c_crossattn.dtype)
+            length = math.lcm(c_crossattn.shape[1], src_c.shape[1])
+            c_crossattn2 = torch.cat([_repeat_tokens(c_crossattn, length), _repeat_tokens(src_c, length)])
+        else:
+            c_crossattn2 = None
+        if c_concat is not None:
+            src_cc = src_kw.get("c_concat")
+            if src_cc is None:
+                run.warn_once("concat", "PlugKitPnPInject: the model takes concat conditioning (inpainting?) "
+                              "that the source was not inverted with; injection skipped.")
+                return None
+            c_concat2 = torch.cat([c_concat, src_cc.index_select(0, rows % src_cc.shape[0]).to(c_concat)])
+        else:
+            c_concat2 = None
+        kwargs2 = {}
+        for key, value in kwargs.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
+                src_v = src_kw.get(key)
+                if not torch.is_tensor(src_v):
+                    run.warn_once("kw:" + key, "PlugKitPnPInject: the model input %r has no source counterpart; "
+                                  "injection skipped.", key)
+                    return None
+                src_v = src_v.index_select(0, rows % src_v.shape[0]).to(device=value.device, dtype=value.dtype)
+                kwargs2[key] = torch.cat([value, src_v])
+            else:
+                kwargs2[key] = value
+        options2 = dict(transformer_options)
+        options2["cond_or_uncond"] = cond_or_uncond + [0]
+        if "uuids" in transformer_options:
+            options2["uuids"] = list(transformer_options["uuids"]) + [SOURCE_UUID]
+        index = torch.cat([n + (torch.arange(n) % chunk), torch.arange(n, n + chunk)]).to(x.device)
+        return x2, t2, c_concat2, c_crossattn2, _pad_control(control, chunk), options2, kwargs2, index
+
+
+class PnPSampleWrapper:
+    """OUTER_SAMPLE wrapper: validates the run and owns its state (reset in ``finally``)."""
+
+    def __init__(self, source, feature_share: float, attention_share: float):
+        self.source = source
+        self.feature_share = float(feature_share)
+        self.attention_share = float(attention_share)
+
+    def __repr__(self) -> str:
+        return f"PnPSampleWrapper(features={self.feature_share}, attention={self.attention_share})"
+
+    def __call__(self, executor, *args, **kwargs):
+        guider = executor.class_obj
+        noise = args[0]
+        self.source.check_run(tuple(noise.shape), "PlugKitPnPInject")
+        orig_model_options = guider.model_options
+        try:
+            guider.model_options = comfy.model_patcher.create_model_options_clone(orig_model_options)
+            run = PnPRun(self.source, self.feature_share, self.attention_share)
+            guider.model_options.setdefault("transformer_options", {})[RUN_KEY] = run
+            out = executor(*args, **kwargs)
+            log.debug("PlugKitPnPInject: %d model calls ran the source branch", run.calls_injected)
+            return out
+        finally:
+            guider.model_options = orig_model_options
+
+
+def install(m, source, feature_share: float, attention_share: float,
+            feature_blocks: tuple[int, ...], attention_blocks: tuple[int, ...]) -> None:
+    """Install the hooks on ``m`` (a clone). Nothing is installed for a zero window."""
+    unet = m.get_model_object("diffusion_model")
+    if feature_share > 0:
+        for i in feature_blocks:
+            key = f"diffusion_model.output_blocks.{i}.0"
+            m.add_object_patch(key, FeatureInjectionResBlock(m.get_model_object(key), i))
+    if attention_share > 0:
+        replaces = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+        for i in attention_blocks:
+            for j in range(attention_depth(unet, i)):
+                previous = replaces.get(("output", i, j), replaces.get(("output", i)))
+                m.set_model_attn1_replace(AttentionInjection(previous), "output", i, j)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
+                           PnPSampleWrapper(source, feature_share, attention_share))
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, PnPApplyModelWrapper())
+
+
+def has_pnp(m) -> bool:
+    return bool(m.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY))

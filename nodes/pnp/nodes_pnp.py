@@ -1,0 +1,317 @@
+"""Plug-and-Play nodes: PlugKitPnPInvert, PlugKitPnPInject, PlugKitFeatureMap.
+
+Technique: Tumanyan, Geyer, Bagon, Dekel, "Plug-and-Play Diffusion Features for Text-Driven
+Image-to-Image Translation" (CVPR 2023); official code MichalGeyer/pnp-diffusers (MIT). This pack's
+code is written from the paper and that code, not copied. The math lives in ``ddim_inversion`` and
+``feature_pca``; the U-Net hooks in ``injection``; this file is glue.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+
+from ..comfy_io import io, ui
+from . import injection as inj
+from .ddim_inversion import SourceTrajectory, ddim_invert, subdivide_schedule, substeps_for
+from .feature_pca import attention_pca_image, feature_pca_image, upscale_nearest
+from .pnp_source import PnPSource
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "PlugKit/Plug-and-Play"
+PAPER = "https://arxiv.org/abs/2211.12572"
+PnPSourceType = io.Custom("PLUGKIT_PNP_SOURCE")
+DEFAULT_INVERSION_STEPS = 50  # = steps: see the reconstruction table in docs/pnp.md
+KINDS = ("features", "self-attention")
+
+
+def run_custom_sampler(model, conditioning, latent: torch.Tensor, sigmas: torch.Tensor, sampler_fn: Callable):
+    """Run ``sampler_fn`` (a k-diffusion style function) through ComfyUI's own guider, without CFG.
+
+    ComfyUI then builds the model inputs from ``conditioning``, loads the model with its patches
+    and runs every wrapper, exactly as a sampler node would. Returns the guider's output latent.
+    """
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(conditioning, conditioning)
+    guider.set_cfg(1.0)
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    noise = torch.zeros_like(latent)
+    out = guider.sample(noise, latent, comfy.samplers.KSAMPLER(sampler_fn), sigmas, disable_pbar=True, seed=0)
+    return out.to(comfy.model_management.intermediate_device())
+
+
+def input_scale(model_sampling, sigma_from: float, sigma_to: float) -> float:
+    """Factor that makes the model see a latent at ``sigma_from`` while told ``sigma_to``."""
+    one = torch.ones(1)
+    a = model_sampling.calculate_input(torch.tensor([float(sigma_from)]), one)
+    b = model_sampling.calculate_input(torch.tensor([float(sigma_to)]), one)
+    return float(a / b)
+
+
+def _capture_source_inputs(store: dict):
+    def capture(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        if not store:
+            chunks = max(len(transformer_options.get("cond_or_uncond", [0])), 1)
+            rows = x.shape[0] // chunks
+            if torch.is_tensor(c_crossattn):
+                store["c_crossattn"] = c_crossattn[:rows].detach().float().cpu()
+            if torch.is_tensor(c_concat):
+                store["c_concat"] = c_concat[:rows].detach().float().cpu()
+            for key, value in kwargs.items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == x.shape[0]:
+                    store[key] = value[:rows].detach().cpu()
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    return capture
+
+
+class PlugKitPnPInvert(io.ComfyNode):
+    """DDIM-inverts a source latent with the model's own prediction; keeps the trajectory."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PlugKitPnPInvert",
+            display_name="Plug-and-Play Invert (PlugKit)",
+            category=CATEGORY,
+            description=(
+                "Deterministic DDIM inversion of the source image (Plug-and-Play, Tumanyan et al. 2023). "
+                "Feed PNP_SOURCE to 'Plug-and-Play Inject' and LATENT to KSamplerAdvanced (add_noise disabled, "
+                "same steps and scheduler)."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The U-Net model (SD1.x, SD2.x or SDXL) used for inversion and sampling."),
+                io.Latent.Input("samples", tooltip="The VAE-encoded source image (VAE Encode)."),
+                io.Conditioning.Input("conditioning", tooltip="The inversion prompt. The official default is the empty prompt: CLIP Text Encode with an empty text."),
+                io.Int.Input("steps", default=50, min=1, max=1000,
+                             tooltip="Sampling steps of the run that will use this source (the official code uses 50). Use the same number in the sampler."),
+                io.Int.Input("inversion_steps", default=DEFAULT_INVERSION_STEPS, min=1, max=1000, optional=True,
+                             tooltip="Inversion resolution: model evaluations used to invert (rounded to a multiple of steps). More = better reconstruction, slower. The official code uses 999."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="ddim_uniform", optional=True,
+                               tooltip="The sampler's scheduler. ddim_uniform with the ddim sampler reproduces the official method; other schedulers work (sigmas off this schedule are interpolated)."),
+            ],
+            outputs=[
+                PnPSourceType.Output(display_name="PNP_SOURCE", tooltip="The inverted source trajectory and its conditioning, for Plug-and-Play Inject and Feature Map."),
+                io.Latent.Output(display_name="LATENT", tooltip="The inverted latent at the first sampling step: sample it with add_noise disabled."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, samples, conditioning, steps=50, inversion_steps=DEFAULT_INVERSION_STEPS,
+                scheduler="ddim_uniform") -> io.NodeOutput:
+        node = "PlugKitPnPInvert"
+        unet = inj.unet_of(model, node)
+        if scheduler not in comfy.samplers.SCHEDULER_NAMES:
+            raise ValueError(f"{node}: input 'scheduler' is {scheduler!r}; use one of {list(comfy.samplers.SCHEDULER_NAMES)}.")
+        if not conditioning:
+            raise ValueError(f"{node}: input 'conditioning' is empty; connect a CLIP Text Encode (empty text is the official choice).")
+        latent = samples["samples"]
+        if latent.is_nested or latent.dim() != 4:
+            raise ValueError(f"{node}: input 'samples' must be an image latent (batch, channels, height, width); got {tuple(latent.shape)}.")
+        if latent.shape[-1] < 16 or latent.shape[-2] < 16:
+            raise ValueError(f"{node}: input 'samples' is {latent.shape[-1]}x{latent.shape[-2]} (latent); use an image of at least 128x128 px.")
+        ms = model.get_model_object("model_sampling")
+        coarse = comfy.samplers.calculate_sigmas(ms, scheduler, steps).float().cpu()
+        keep_desc = torch.cat([coarse[:-1][coarse[:-1] > 0], coarse.new_zeros(1)])
+        if keep_desc.numel() < 2 or bool((keep_desc[1:] >= keep_desc[:-1]).any()):
+            raise ValueError(f"{node}: the {scheduler} schedule for {steps} steps is not strictly decreasing; pick another scheduler or step count.")
+        substeps = substeps_for(steps, inversion_steps)
+        fine, positions = subdivide_schedule(keep_desc.flip(0), substeps, to_t=ms.timestep, to_sigma=ms.sigma)
+        n_fine = fine.numel() - 1
+
+        m = model.clone()
+        captured: dict = {}
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "plugkit_pnp_capture", _capture_source_inputs(captured))
+        pbar = comfy.utils.ProgressBar(n_fine)
+        stored: dict = {}
+
+        def progress(i, total):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            pbar.update_absolute(i, total)
+
+        def invert_fn(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+            extra_args = extra_args or {}
+            s_in = x.new_ones([x.shape[0]])
+
+            def eps_fn(x_lo, lo, hi):
+                k = input_scale(ms, lo, hi)
+                x_in = x_lo * k
+                denoised = model_k(x_in, s_in * hi, **extra_args)
+                return (x_in - denoised) / hi
+
+            stored.update(ddim_invert(x, sigmas, eps_fn, keep=positions, callback=progress))
+            return stored[positions[-1]]
+
+        out = run_custom_sampler(m, conditioning, latent, fine, invert_fn)
+        latents = torch.stack([stored[p].float().cpu() for p in reversed(positions)])
+        trajectory = SourceTrajectory(keep_desc, latents)
+        source = PnPSource(
+            trajectory=trajectory, model_kwargs=captured, conditioning=conditioning,
+            family=inj.model_family(model), decoder_blocks=len(unet.output_blocks), scheduler=scheduler,
+            steps=int(steps), inversion_steps=int(n_fine),
+        )
+        log.info("%s: inverted %s with %d model evaluations (%d stored latents, %.1f MiB)",
+                 node, tuple(latent.shape), n_fine, latents.shape[0], source.nbytes() / 2**20)
+        return io.NodeOutput(source, {"samples": out})
+
+
+class PlugKitPnPInject(io.ComfyNode):
+    """Patches a model so that sampling injects the source's features and self-attention."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PlugKitPnPInject",
+            display_name="Plug-and-Play Inject (PlugKit)",
+            category=CATEGORY,
+            description=(
+                "While sampling, the source runs in the same batch; its decoder ResBlock features and self-attention "
+                "q/k replace the target's during the first steps (Plug-and-Play). Works with any sampler, CFG and other patches."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The U-Net model to sample with (same family as the one used for inversion)."),
+                PnPSourceType.Input("pnp_source", tooltip="From Plug-and-Play Invert."),
+                io.Float.Input("feature_injection", default=0.8, min=0.0, max=1.0, step=0.01,
+                               tooltip="Share of the first sampling steps whose decoder ResBlock features are injected (official 0.8). Higher keeps more structure."),
+                io.Float.Input("attention_injection", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="Share of the first sampling steps whose self-attention q and k are injected (official 0.5). Higher keeps more layout and appearance."),
+                io.String.Input("feature_blocks", default="", optional=True,
+                                tooltip="Experts: decoder (output) blocks whose first ResBlock is injected, e.g. '4' or '4, 5'. Empty: family default (SD1.x/2.x: 4, SDXL: 1)."),
+                io.String.Input("attention_blocks", default="", optional=True,
+                                tooltip="Experts: decoder blocks whose self-attention q/k are injected, e.g. '4-11'. Empty: family default (SD1.x/2.x: 4-11, SDXL: 1-5); 'none' disables."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with Plug-and-Play injection; sample the inverted LATENT with it.")],
+        )
+
+    @classmethod
+    def execute(cls, model, pnp_source, feature_injection=0.8, attention_injection=0.5,
+                feature_blocks="", attention_blocks="") -> io.NodeOutput:
+        node = "PlugKitPnPInject"
+        if not isinstance(pnp_source, PnPSource):
+            raise TypeError(f"{node}: input 'pnp_source' must come from PlugKitPnPInvert (got {type(pnp_source).__name__}).")
+        unet = inj.unet_of(model, node)
+        pnp_source.check_family(inj.model_family(model), node)
+        if len(unet.output_blocks) != pnp_source.decoder_blocks:
+            raise ValueError(f"{node}: 'model' has {len(unet.output_blocks)} decoder blocks but the source's model had {pnp_source.decoder_blocks}.")
+        for name, v in (("feature_injection", feature_injection), ("attention_injection", attention_injection)):
+            if not 0.0 <= float(v) <= 1.0:
+                raise ValueError(f"{node}: input '{name}' is {v}; use a share of the steps between 0 and 1.")
+        if inj.has_pnp(model):
+            raise ValueError(f"{node}: 'model' already comes from a Plug-and-Play Inject node; connect the plain model (one source per model).")
+        defaults = inj.family_defaults(unet, node) if not (feature_blocks.strip() and attention_blocks.strip()) else {}
+        n = len(unet.output_blocks)
+        fblocks = inj.parse_blocks(feature_blocks, n, node, "feature_blocks") if feature_blocks.strip() else defaults["features"]
+        ablocks = inj.parse_blocks(attention_blocks, n, node, "attention_blocks") if attention_blocks.strip() else defaults["attention"]
+        inj.check_blocks(unet, fblocks, ablocks, node)
+        m = model.clone()
+        if float(feature_injection) > 0 or float(attention_injection) > 0:
+            inj.install(m, pnp_source, float(feature_injection), float(attention_injection), fblocks, ablocks)
+        return io.NodeOutput(m)
+
+
+class PlugKitFeatureMap(io.ComfyNode):
+    """Renders the first three PCA components of the source's decoder features or self-attention."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PlugKitFeatureMap",
+            display_name="Plug-and-Play Feature Map (PlugKit)",
+            category=CATEGORY,
+            description=(
+                "Shows what a decoder block sees in the source at a sampling step: the first three PCA components "
+                "of its ResBlock features or of its self-attention, as colours. Use it to choose injection blocks."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model the source was inverted with (connect the plain model, not the injected one)."),
+                PnPSourceType.Input("pnp_source", tooltip="From Plug-and-Play Invert."),
+                io.Int.Input("block", default=-1, min=-1, max=11,
+                             tooltip="Decoder (output) block. -1: the family's injected feature block (SD1.x/2.x: 4, SDXL: 1)."),
+                io.Int.Input("step", default=0, min=0, max=1000,
+                             tooltip="Sampling step of the source's schedule (0 = the noisiest, where injection starts)."),
+                io.Combo.Input("kind", options=list(KINDS), default="features",
+                               tooltip="features: the block's first ResBlock residual features (what is injected). self-attention: the rows of its first self-attention map (head average)."),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE", tooltip="PCA components 1-3 as RGB, at the source image's size.")],
+        )
+
+    @classmethod
+    def execute(cls, model, pnp_source, block=-1, step=0, kind="features") -> io.NodeOutput:
+        node = "PlugKitFeatureMap"
+        if not isinstance(pnp_source, PnPSource):
+            raise TypeError(f"{node}: input 'pnp_source' must come from PlugKitPnPInvert (got {type(pnp_source).__name__}).")
+        if kind not in KINDS:
+            raise ValueError(f"{node}: input 'kind' is {kind!r}; use one of {list(KINDS)}.")
+        unet = inj.unet_of(model, node)
+        pnp_source.check_family(inj.model_family(model), node)
+        n = len(unet.output_blocks)
+        if block < 0:
+            block = inj.family_defaults(unet, node)["features"][0]
+        if block >= n:
+            raise ValueError(f"{node}: input 'block' is {block} but this U-Net's decoder blocks are 0-{n - 1}.")
+        traj = pnp_source.trajectory
+        last = traj.sigmas.numel() - 2
+        if step > last:
+            raise ValueError(f"{node}: input 'step' is {step} but the source has steps 0-{last}.")
+        if kind == "features":
+            inj.check_blocks(unet, (block,), (), node)
+        else:
+            inj.check_blocks(unet, (), (block,), node)
+
+        m = model.clone()
+        for wtype in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.APPLY_MODEL):
+            m.remove_wrappers_with_key(wtype, inj.WRAPPER_KEY)
+        if kind == "features":
+            key = f"diffusion_model.output_blocks.{block}.0"
+            m.add_object_patch(key, inj.FeatureInjectionResBlock(m.get_model_object(key), block))
+        else:
+            replaces = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+            previous = replaces.get(("output", block, 0), replaces.get(("output", block)))
+            if isinstance(previous, inj.AttentionInjection):
+                previous = previous.previous
+            m.set_model_attn1_replace(inj.AttentionInjection(previous), "output", block, 0)
+
+        captured: list = []
+
+        def observe(what, where, *tensors):
+            if what == "features" and kind == "features" and where == block:
+                captured.append(tensors[0].detach().float().cpu())
+            elif what == "attention" and kind == "self-attention" and tuple(where or ()) == ("output", block):
+                q, k, extra = tensors
+                if extra.get("block_index", 0) == 0:
+                    shape = extra.get("activations_shape")
+                    captured.append((q.detach().float().cpu(), k.detach().float().cpu(), int(extra["n_heads"]), shape))
+
+        sigma = float(traj.sigmas[step])
+        x_src = traj.latents[step]
+        batch = x_src.shape[0]
+
+        def probe_fn(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+            s_in = x.new_ones([batch])
+            with inj.call_scope(inj.InjectionCall(n_total=batch, index=None, observe=observe)):
+                model_k(x_src.to(x), s_in * sigma, **(extra_args or {}))
+            return x
+
+        run_custom_sampler(m, pnp_source.conditioning, torch.zeros(traj.shape),
+                           torch.tensor([sigma, 0.0]), probe_fn)
+        if not captured:
+            raise RuntimeError(f"{node}: no {kind} were captured from decoder block {block}; is another node replacing that block?")
+        images = []
+        factor_src = traj.shape[-1] * 8
+        for i in range(batch):
+            if kind == "features":
+                img = feature_pca_image(captured[0][i])
+            else:
+                q, k, heads, shape = captured[0]
+                h, w = int(shape[-2]), int(shape[-1])
+                img = attention_pca_image(q[i], k[i], heads, h, w)
+            images.append(upscale_nearest(img, max(1, factor_src // img.shape[1])))
+        image = torch.stack(images)
+        return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))
