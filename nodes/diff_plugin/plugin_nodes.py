@@ -1,0 +1,333 @@
+"""Diff-Plugin nodes: load Task-Plugins, apply one, select plugins from an instruction, run a chain.
+
+Paper: Liu et al., "Diff-Plugin: Revitalizing Details for Diffusion-based Low-level Tasks", CVPR 2024
+(https://arxiv.org/abs/2403.00644); official code yuhaoliu7456/Diff-Plugin. The released plugin
+weights are CC BY-NC-SA 4.0 (non-commercial). The math lives in task_plugin.py / plugin_selector.py.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..comfy_io import io, ui
+from . import plugin_files
+from .plugin_selector import RULE_OFFICIAL, RULES, select_plugins
+
+log = logging.getLogger(__name__)
+
+FOLDER = "diff_plugin"
+CATEGORY = "PlugKit/Diff-Plugin"
+TaskPluginType = io.Custom("PLUGKIT_TASK_PLUGIN")
+TaskPluginListType = io.Custom("PLUGKIT_TASK_PLUGIN_LIST")
+MAX_CANDIDATES = 8
+SAMPLERS = ("uni_pc_bh2", "uni_pc", "euler", "dpmpp_2m", "ddim")
+
+
+# --- models/diff_plugin -------------------------------------------------------------------------
+
+def plugin_folders() -> list[str]:
+    """Register ``models/diff_plugin`` with folder_paths (idempotent; called lazily, never at import)
+    and return every folder configured for it (extra_model_paths.yaml entries included)."""
+    import folder_paths
+
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    folder_paths.add_model_folder_path(FOLDER, default)
+    return folder_paths.get_folder_paths(FOLDER)
+
+
+def _safetensors_kind(path: Path) -> str:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+    except Exception:
+        return "unreadable"
+    if meta.get("format") == plugin_files.SELECTOR_FORMAT or (keys and all(k.split(".")[0] in ("proj_v", "proj_t", "logit_scale") for k in keys)):
+        return "selector"
+    if meta.get("format") == plugin_files.PLUGIN_FORMAT or any(k.startswith("tpb.") for k in keys):
+        return "plugin"
+    return "other"
+
+
+def scan_folder() -> tuple[list[str], list[str]]:
+    """(plugin names, selector names) under every diff_plugin folder, as relative posix paths."""
+    plugins: set[str] = set()
+    selectors: set[str] = set()
+    for base in plugin_folders():
+        base_path = Path(base)
+        if not base_path.is_dir():
+            continue
+        for root, dirs, files in os.walk(base_path, followlinks=True):
+            root_path = Path(root)
+            rel = root_path.relative_to(base_path).as_posix()
+            if plugin_files.is_released_plugin_dir(root_path) and rel != ".":
+                plugins.add(rel)
+                dirs[:] = []
+                continue
+            for name in files:
+                path = root_path / name
+                rel_file = path.relative_to(base_path).as_posix()
+                if name.endswith(".safetensors"):
+                    kind = _safetensors_kind(path)
+                    if kind == "plugin":
+                        plugins.add(rel_file)
+                    elif kind == "selector":
+                        selectors.add(rel_file)
+                elif name.endswith(".pt") and name != "tpb.pt":
+                    selectors.add(rel_file)
+    return sorted(plugins), sorted(selectors)
+
+
+def resolve(name: str, node: str, what: str) -> Path:
+    for base in plugin_folders():
+        candidate = Path(base) / name
+        if candidate.exists():
+            return candidate
+    raise ValueError(
+        f"{node}: {what} '{name}' not found under models/{FOLDER} ({', '.join(plugin_folders())}). Put the released "
+        "plugin folders (e.g. derain/ with scb/ and tpb.pt) or .safetensors plugins there and refresh."
+    )
+
+
+def _options(kind: int) -> list[str]:
+    try:
+        found = scan_folder()[kind]
+    except Exception as exc:  # listing must never break the node list
+        log.warning("Diff-Plugin: could not list models/%s: %s", FOLDER, exc)
+        found = []
+    return found
+
+
+# --- applying a plugin --------------------------------------------------------------------------
+
+def encode_task_prompt(handle, clip_vision, image: torch.Tensor) -> torch.Tensor:
+    """Fp [B, 256, 768] for the image: CLIP ViT-L/14 last hidden states (224 crop) through the TPB."""
+    import comfy.model_management
+
+    encoded = clip_vision.encode_image(image, crop=True)
+    with torch.no_grad():
+        fp = handle.plugin.task_prompt(encoded["last_hidden_state"].float())
+    return fp.to(comfy.model_management.intermediate_device(), torch.float32)
+
+
+def apply_task_plugin(model, handle, clip_vision, vae, image: torch.Tensor, strength: float = 1.0,
+                      node: str = "PlugKitApplyTaskPlugin"):
+    """(model clone, CONDITIONING with Fp and the SCB control, LATENT start). Never mutates ``model``."""
+    from .scb_control import TaskPluginControl, check_sd1_model
+
+    if image is None or image.ndim != 4:
+        raise ValueError(f"{node}: input 'image' must be an IMAGE batch [B, H, W, C].")
+    if image.shape[1] < 8 or image.shape[2] < 8:
+        raise ValueError(f"{node}: input 'image' is {image.shape[2]}x{image.shape[1]} px; it must be at least 8x8.")
+    check_sd1_model(model, node, handle.plugin.scb.channels)
+    fp = encode_task_prompt(handle, clip_vision, image)
+    latent = vae.encode(image[:, :, :, :3])
+    cond_latent = model.get_model_object("latent_format").process_in(latent)
+    control = TaskPluginControl(handle, cond_latent, strength)
+    conditioning = [[fp, {"control": control, "control_apply_to_uncond": False}]]
+    start = torch.zeros_like(latent) if handle.plugin.start_from_noise else latent
+    return model.clone(), conditioning, {"samples": start}
+
+
+def run_plugin_chain(model, handles, clip_vision, vae, image, *, seed: int = 42, steps: int = 20,
+                     later_steps: int = 3, sampler_name: str = "uni_pc_bh2", scheduler: str = "normal",
+                     node: str = "PlugKitRunPluginChain") -> torch.Tensor:
+    """The official multi-plugin schedule: the first plugin runs ``steps``, each later one ``later_steps``
+    on the previous result; cfg 1 (no guidance). Returns the final IMAGE."""
+    import comfy.sample
+    import comfy.utils
+
+    total = sum(steps if i == 0 else later_steps for i in range(len(handles)))
+    bar = comfy.utils.ProgressBar(max(total, 1))
+    for index, handle in enumerate(handles):
+        m, positive, latent = apply_task_plugin(model, handle, clip_vision, vae, image, node=node)
+        samples = latent["samples"]
+        noise = comfy.sample.prepare_noise(samples, seed, None)
+        n = steps if index == 0 else later_steps
+        samples = comfy.sample.sample(
+            m, noise, n, 1.0, sampler_name, scheduler, positive, [], samples, denoise=1.0, seed=seed,
+            callback=lambda step, x0, x, total_steps: bar.update(1), disable_pbar=True,
+        )
+        image = vae.decode(samples)
+        if image.ndim == 5:
+            image = image.reshape(-1, *image.shape[-3:])
+        log.info("Diff-Plugin chain: applied %s (%d steps)", handle.name, n)
+    return image
+
+
+# --- nodes ----------------------------------------------------------------------------------------
+
+class PlugKitTaskPluginLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PlugKitTaskPluginLoader",
+            display_name="Load Diff-Plugin Task-Plugin",
+            category=CATEGORY,
+            description="Loads a Diff-Plugin Task-Plugin (TPB + SCB) from models/diff_plugin: a released folder "
+                        "(scb/ + tpb.pt) or a PlugKit .safetensors plugin.",
+            inputs=[
+                io.Combo.Input("plugin_name", options=_options(0),
+                               tooltip="A plugin under models/diff_plugin: a released task folder such as 'derain' "
+                                       "(holding scb/ and tpb.pt) or a .safetensors plugin."),
+            ],
+            outputs=[TaskPluginType.Output(display_name="plugin")],
+        )
+
+    @classmethod
+    def execute(cls, plugin_name: str) -> io.NodeOutput:
+        from .scb_control import PluginHandle
+
+        path = resolve(plugin_name, "PlugKitTaskPluginLoader", "plugin")
+        name = Path(plugin_name).stem if path.is_file() else path.name
+        try:
+            plugin = plugin_files.load_plugin(path, name=name)
+        except plugin_files.PluginFileError as exc:
+            raise ValueError(f"PlugKitTaskPluginLoader: input 'plugin_name': {exc}") from exc
+        return io.NodeOutput(PluginHandle(plugin, source=str(path)))
+
+
+class PlugKitApplyTaskPlugin(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PlugKitApplyTaskPlugin",
+            display_name="Apply Diff-Plugin Task-Plugin",
+            category=CATEGORY,
+            description="Turns a degraded image into the conditioning of a Task-Plugin: Fp (TPB output) as the "
+                        "context and the SCB attached as a control; sample with cfg 1.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD 1.x model (Diff-Plugin was trained on SD 1.4). Returned cloned, unchanged."),
+                TaskPluginType.Input("plugin", tooltip="The Task-Plugin from 'Load Diff-Plugin Task-Plugin'."),
+                io.ClipVision.Input("clip_vision", tooltip="CLIP ViT-L/14 vision model (core 'Load CLIP Vision'), "
+                                                           "e.g. clip_vision_vit_l_14 / openai clip-vit-large-patch14."),
+                io.Vae.Input("vae", tooltip="The SD 1.x VAE; encodes the degraded image for the SCB and the start latent."),
+                io.Image.Input("image", tooltip="The degraded image. Released plugins expect a short side of about 512 px; "
+                                                "width and height are cropped to multiples of 8."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.01, optional=True,
+                               tooltip="Scale of the SCB residuals (1.0 = the official pipeline)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model"),
+                io.Conditioning.Output(display_name="positive"),
+                io.Latent.Output(display_name="latent"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, plugin, clip_vision, vae, image, strength: float = 1.0) -> io.NodeOutput:
+        m, positive, latent = apply_task_plugin(model, plugin, clip_vision, vae, image, strength)
+        return io.NodeOutput(m, positive, latent)
+
+
+def _candidate_inputs() -> list:
+    return [TaskPluginType.Input(f"plugin_{i}", optional=True,
+                                 tooltip=f"Candidate Task-Plugin {i} (order = the order selected plugins run in).")
+            for i in range(1, MAX_CANDIDATES + 1)]
+
+
+class PlugKitPluginSelector(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PlugKitPluginSelector",
+            display_name="Diff-Plugin Plugin-Selector",
+            category=CATEGORY,
+            description="Scores candidate Task-Plugins against an instruction with the released Plugin-Selector "
+                        "and returns the selected plugins, in order, plus every score.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The SD 1.x text encoder (from the checkpoint loader)."),
+                io.ClipVision.Input("clip_vision", tooltip="CLIP ViT-L/14 vision model (core 'Load CLIP Vision')."),
+                io.Image.Input("image", tooltip="The degraded image (the first image of a batch is scored)."),
+                io.String.Input("instruction", default="remove the rain", multiline=True,
+                                tooltip="What to do, in words, e.g. 'remove rain and haze'."),
+                io.Combo.Input("selector_name", options=_options(1),
+                               tooltip="Selector weights under models/diff_plugin, e.g. plugin_selector/PromptTunner.pt."),
+                io.Combo.Input("rule", options=list(RULES), default=RULE_OFFICIAL, optional=True,
+                               tooltip="Official: every plugin scoring above 0 (the demo's rule). 'above null': "
+                                       "plugins scoring above the empty-instruction slot."),
+                *_candidate_inputs(),
+            ],
+            outputs=[
+                TaskPluginListType.Output(display_name="plugins"),
+                io.String.Output(display_name="report"),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, clip, clip_vision, image, instruction: str, selector_name: str, rule: str = RULE_OFFICIAL,
+                **candidates) -> io.NodeOutput:
+        node = "PlugKitPluginSelector"
+        handles = [candidates[f"plugin_{i}"] for i in range(1, MAX_CANDIDATES + 1)
+                   if candidates.get(f"plugin_{i}") is not None]
+        if not handles:
+            raise ValueError(f"{node}: connect at least one Task-Plugin to plugin_1 ... plugin_{MAX_CANDIDATES}.")
+        try:
+            tuner = plugin_files.load_selector(resolve(selector_name, node, "selector"))
+        except plugin_files.PluginFileError as exc:
+            raise ValueError(f"{node}: input 'selector_name': {exc}") from exc
+        text = pooled_text(clip, instruction)
+        null = pooled_text(clip, " ")
+        prompts = [encode_task_prompt(h, clip_vision, image[:1])[0] for h in handles]
+        selection = select_plugins(tuner, text, null, prompts, [h.name for h in handles], rule)
+        chosen = [handles[i] for i in selection.selected]
+        report = selection.report()
+        log.info("Diff-Plugin selector: %s", report.replace("\n", "; "))
+        return io.NodeOutput(chosen, report, ui=ui.PreviewText(report))
+
+
+def pooled_text(clip, text: str) -> torch.Tensor:
+    """The unprojected pooled embedding (final-layer-normed EOS token), as HF CLIPTextModel's pooler_output."""
+    tokens = clip.tokenize(text)
+    out = clip.encode_from_tokens(tokens, return_pooled="unprojected", return_dict=True)
+    pooled = out.get("pooled_output")
+    if pooled is None:
+        raise ValueError("PlugKitPluginSelector: input 'clip' gives no pooled text embedding; use an SD 1.x CLIP.")
+    return pooled[:1].float()
+
+
+class PlugKitRunPluginChain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PlugKitRunPluginChain",
+            display_name="Run Diff-Plugin Chain",
+            category=CATEGORY,
+            description="Applies the selected Task-Plugins in order with the official schedule: the first one "
+                        "full steps, each later one a few steps on the previous result (cfg 1).",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD 1.x model."),
+                TaskPluginListType.Input("plugins", tooltip="Selected plugins from 'Diff-Plugin Plugin-Selector'."),
+                io.ClipVision.Input("clip_vision", tooltip="CLIP ViT-L/14 vision model."),
+                io.Vae.Input("vae", tooltip="The SD 1.x VAE."),
+                io.Image.Input("image", tooltip="The degraded image."),
+                io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed (the official demo uses 42)."),
+                io.Int.Input("steps", default=20, min=1, max=200, tooltip="Steps of the first plugin (official: 20)."),
+                io.Int.Input("later_steps", default=3, min=1, max=200, tooltip="Steps of each later plugin (official: 3)."),
+                io.Combo.Input("sampler_name", options=list(SAMPLERS), default="uni_pc_bh2",
+                               tooltip="uni_pc_bh2 matches the official diffusers UniPC (bh2) solver."),
+                io.Combo.Input("scheduler", options=["normal", "simple", "sgm_uniform", "karras"], default="normal",
+                               tooltip="Sigma schedule."),
+            ],
+            outputs=[io.Image.Output(display_name="image")],
+        )
+
+    @classmethod
+    def execute(cls, model, plugins, clip_vision, vae, image, seed: int = 42, steps: int = 20, later_steps: int = 3,
+                sampler_name: str = "uni_pc_bh2", scheduler: str = "normal") -> io.NodeOutput:
+        if not plugins:
+            log.info("Diff-Plugin chain: no plugin selected; returning the input image")
+            return io.NodeOutput(image)
+        out = run_plugin_chain(model, list(plugins), clip_vision, vae, image, seed=seed, steps=steps,
+                               later_steps=later_steps, sampler_name=sampler_name, scheduler=scheduler)
+        return io.NodeOutput(out)
+
+
+NODES = [PlugKitTaskPluginLoader, PlugKitApplyTaskPlugin, PlugKitPluginSelector, PlugKitRunPluginChain]

@@ -1,0 +1,47 @@
+"""Diff-Plugin test helpers (imported by the tests): released-layout plugin folders with random weights."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+# The SCB config.json as released (pre-trained/derain/scb/config.json, diffusers 0.17.1).
+RELEASED_SCB_CONFIG = {
+    "_class_name": "SCBNet", "_diffusers_version": "0.17.1", "act_fn": "silu", "attention_head_dim": 8,
+    "block_out_channels": [320], "class_embed_type": None, "conditioning_embedding_out_channels": [16, 32, 96, 256],
+    "controlnet_conditioning_channel_order": "rgb", "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D"], "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0,
+    "global_pool_conditions": False, "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05, "norm_num_groups": 32, "num_class_embeds": None, "only_cross_attention": False,
+    "projection_class_embeddings_input_dim": None, "resnet_time_scale_shift": "default", "upcast_attention": False,
+    "use_linear_projection": False,
+}
+
+
+def random_state(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in module.state_dict().items():
+        scale = 0.5 / math.sqrt(max(v[0].numel(), 1)) if v.ndim > 1 else 0.1
+        out[k] = torch.randn(v.shape, generator=gen) * scale
+    return out
+
+
+def write_released_plugin(root: Path, task: str, seed: int = 0, module_prefix: bool = False,
+                          config: dict | None = None) -> tuple[Path, dict, dict]:
+    """<root>/<task>/scb/{config.json, diffusion_pytorch_model.bin} + <root>/<task>/tpb.pt, as released."""
+    from plugkit.nodes.diff_plugin.task_plugin import SpatialComplementBranch, TaskPromptBranch
+
+    folder = root / task
+    (folder / "scb").mkdir(parents=True, exist_ok=True)
+    (folder / "scb" / "config.json").write_text(json.dumps(config or RELEASED_SCB_CONFIG, indent=2))
+    scb = random_state(SpatialComplementBranch(), seed)
+    torch.save(scb, folder / "scb" / "diffusion_pytorch_model.bin")
+    tpb = random_state(TaskPromptBranch(), seed + 1)
+    saved = {("module." + k if module_prefix else k): v for k, v in tpb.items()}
+    torch.save({"model": saved}, folder / "tpb.pt")
+    return folder, scb, tpb
+
+
