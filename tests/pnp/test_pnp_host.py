@@ -1,0 +1,352 @@
+"""Plug-and-Play nodes in a real ComfyUI (CPU, tiny SD1.x-structured U-Net, 16x16 latents)."""
+import dataclasses
+import types
+
+import pytest
+import torch
+
+
+def _sample(model, env, latent=None, positive=None, negative=None, cfg=3.0, sampler="ddim",
+            scheduler="ddim_uniform", **kw):
+    from tools.models import sample
+
+    lat = env["inverted"]["samples"] if latent is None else latent
+    return sample(model, lat, positive or env["target_cond"], negative or env["negative"], steps=env["steps"],
+                  cfg=cfg, sampler=sampler, scheduler=scheduler, add_noise=False, **kw)
+
+
+def _inject(model, env, features=0.8, attention=0.5, **kw):
+    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject
+
+    return PlugKitPnPInject.execute(model=model, pnp_source=env["source"], feature_injection=features,
+                                    attention_injection=attention, **kw).result[0]
+
+
+# ---- inversion -------------------------------------------------------------------------------
+
+def test_invert_outputs_trajectory_latent_and_source_inputs(pnp_env):
+    import comfy.samplers
+
+    env = pnp_env
+    src, inv = env["source"], env["inverted"]["samples"]
+    model = env["model"]
+    ms = model.get_model_object("model_sampling")
+    expected = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", env["steps"]).float()
+    assert torch.equal(src.trajectory.sigmas, expected)
+    assert src.trajectory.latents.shape == (expected.numel(), 1, 4, 16, 16)
+    base = model.model
+    assert torch.allclose(src.trajectory.latents[-1], base.process_latent_in(env["latent"]))
+    assert torch.allclose(inv, base.process_latent_out(src.trajectory.latents[0]))
+    # the latent at the top really is noisy: its scale follows sigma_max, unlike the clean latent
+    assert float(src.trajectory.latents[0].std()) > 5 * float(src.trajectory.latents[-1].std())
+    assert torch.equal(src.model_kwargs["c_crossattn"], env["source_cond"][0][0])
+    assert src.family == "SD15" and src.decoder_blocks == 12
+
+
+def test_reconstruction_error_decreases_with_inversion_steps(pnp_env):
+    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInvert
+
+    env = pnp_env
+    errors = []
+    for inversion_steps in (5, 10, 20):
+        _, inv = PlugKitPnPInvert.execute(model=env["model"], samples={"samples": env["latent"]},
+                                          conditioning=env["source_cond"], steps=5,
+                                          inversion_steps=inversion_steps).result
+        rec = _sample(env["model"], env, latent=inv["samples"], positive=env["source_cond"],
+                      negative=env["source_cond"], cfg=1.0)
+        errors.append(float((rec - env["latent"]).pow(2).mean().sqrt()))
+    assert errors[0] > errors[1] > errors[2], errors
+
+
+def test_invert_works_for_v_prediction_through_model_sampling(pnp_env, comfy_nodes):
+    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInvert
+
+    env = pnp_env
+    vmodel = comfy_nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]().patch(env["model"], "v_prediction", False)[0]
+    src, inv = PlugKitPnPInvert.execute(model=vmodel, samples={"samples": env["latent"]},
+                                        conditioning=env["source_cond"], steps=5, inversion_steps=5).result
+    assert torch.isfinite(inv["samples"]).all()
+    assert not torch.allclose(inv["samples"], env["inverted"]["samples"], atol=1e-2)
+    rec = _sample(vmodel, env, latent=inv["samples"], positive=env["source_cond"], negative=env["source_cond"], cfg=1.0)
+    assert torch.isfinite(rec).all()
+
+
+# ---- exactness -------------------------------------------------------------------------------
+
+def test_zero_injection_reproduces_plain_sampling(pnp_env):
+    env = pnp_env
+    plain = _sample(env["model"], env)
+    none = _sample(_inject(env["model"], env, 0.0, 0.0), env)
+    assert (none - plain).abs().max() <= 1e-5
+    # hooks installed, but windows shorter than one step: the plain batch runs every step
+    empty = _sample(_inject(env["model"], env, 0.1, 0.1), env)
+    assert (empty - plain).abs().max() <= 1e-5
+    assert torch.equal(empty, plain)
+    injected = _sample(_inject(env["model"], env), env)
+    assert (injected - plain).abs().max() > 1e-2
+
+
+def test_first_step_prediction_unchanged_when_target_prompt_is_source_prompt(pnp_env):
+    env = pnp_env
+    kw = dict(positive=env["source_cond"], negative=env["source_cond"], cfg=1.0, start_step=0, last_step=1,
+              force_full_denoise=False)
+    plain = _sample(env["model"], env, **kw)
+    pnp = _sample(_inject(env["model"], env, 1.0, 1.0), env, **kw)
+    scale = float(plain.abs().max())
+    assert (pnp - plain).abs().max() <= 1e-5 * max(scale, 1.0)
+    # with another target prompt, the first step does change
+    kw2 = dict(kw, positive=env["target_cond"])
+    assert (_sample(_inject(env["model"], env, 1.0, 1.0), env, **kw2) - _sample(env["model"], env, **kw2)).abs().max() > 1e-3
+
+
+def _capture_run(env, features, attention):
+    """Sample with injection while capturing block-4 residual features and attn1 q/k/v per call."""
+    import comfy.ldm.modules.attention as attention_mod
+
+    calls = []
+
+    def capture_attn(q, k, v, extra):
+        if extra.get("block_index", 0) == 0:
+            calls.append({"sigma": float(extra["sigmas"].flatten()[0]), "q": q.clone(), "k": k.clone(), "v": v.clone()})
+        return attention_mod.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
+                                                 transformer_options=extra)
+
+    base = env["model"].clone()
+    base.set_model_attn1_replace(capture_attn, "output", 4, 0)
+    pm = _inject(base, env, features, attention)
+    block = pm.object_patches["diffusion_model.output_blocks.4.0"]
+    feats = []
+
+    def hook(module, inputs, output):
+        feats.append((output - module.skip_connection(inputs[0])).detach().clone())
+
+    handle = block.register_forward_hook(hook)
+    try:
+        out = _sample(pm, env)
+    finally:
+        handle.remove()
+    assert len(feats) == len(calls) == env["steps"]
+    for c, f in zip(calls, feats):
+        c["h"] = f
+    return out, calls
+
+
+def test_hooks_inject_features_and_qk_only_inside_their_windows(pnp_env):
+    env = pnp_env
+    _, calls = _capture_run(env, features=0.4, attention=0.6)  # 5 steps: features 0-1, attention 0-2
+    sigmas = env["source"].trajectory.sigmas
+    assert [c["sigma"] for c in calls] == pytest.approx([float(s) for s in sigmas[:-1]])
+    batch = [c["q"].shape[0] for c in calls]
+    assert batch == [3, 3, 3, 2, 2]  # cond + uncond (+ the source only inside a window)
+    for i in (0, 1):  # both injected: every target row holds the source row's features and q/k
+        c = calls[i]
+        for row in (0, 1):
+            # h is recovered as output - skip(x): equal up to that subtraction's rounding
+            assert torch.allclose(c["h"][row], c["h"][2], atol=1e-5, rtol=0)
+            assert torch.equal(c["q"][row], c["q"][2]) and torch.equal(c["k"][row], c["k"][2])
+            assert not torch.allclose(c["v"][row], c["v"][2])  # v stays the target's
+    c = calls[2]  # attention only
+    assert torch.equal(c["q"][0], c["q"][2]) and torch.equal(c["k"][1], c["k"][2])
+    assert not torch.allclose(c["h"][0], c["h"][2], atol=1e-3)
+    for c in calls[3:]:  # outside both windows: the plain batch, nothing injected
+        assert not torch.allclose(c["q"][0], c["q"][1], atol=1e-3)
+
+
+def test_source_branch_is_the_source_latent_with_the_source_prompt(pnp_env):
+    """The injected features are those of the source at that sigma (not of some other input)."""
+    import comfy.model_management
+
+    env = pnp_env
+    _, calls = _capture_run(env, features=0.4, attention=0.6)
+    model = env["model"]
+    comfy.model_management.load_models_gpu([model])
+    unet = model.model.diffusion_model
+    got = []
+    handle = unet.output_blocks[4][0].register_forward_hook(
+        lambda m, i, o: got.append((o - m.skip_connection(i[0])).detach().clone()))
+    try:
+        src = env["source"]
+        sigma = src.trajectory.sigmas[0].reshape(1)
+        with torch.no_grad():
+            model.model.apply_model(src.trajectory.latents[0], sigma, c_crossattn=src.model_kwargs["c_crossattn"])
+    finally:
+        handle.remove()
+    ref = got[0][0]
+    assert torch.allclose(calls[0]["h"][2], ref, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(calls[0]["h"][2], calls[3]["h"][0], atol=1e-2)
+
+
+# ---- samplers, batches, other patches --------------------------------------------------------
+
+@pytest.mark.parametrize("sampler,scheduler", [("euler", "karras"), ("heun", "normal")])
+def test_other_samplers_and_schedulers_use_the_trajectory(pnp_env, sampler, scheduler):
+    env = pnp_env
+    pm = _inject(env["model"], env)
+    out = _sample(pm, env, sampler=sampler, scheduler=scheduler)
+    plain = _sample(env["model"], env, sampler=sampler, scheduler=scheduler)
+    assert torch.isfinite(out).all()
+    assert (out - plain).abs().max() > 1e-3
+
+
+def test_batch_of_two_shares_a_single_source(pnp_env):
+    env = pnp_env
+    lat = env["inverted"]["samples"].repeat(2, 1, 1, 1)
+    out = _sample(_inject(env["model"], env), env, latent=lat)
+    single = _sample(_inject(env["model"], env), env)
+    assert out.shape[0] == 2
+    assert torch.allclose(out[0], out[1], atol=1e-5)
+    assert torch.allclose(out[:1], single, atol=1e-3)
+
+
+def test_cooperates_with_core_freeu(pnp_env, comfy_nodes):
+    env = pnp_env
+    pm = _inject(env["model"], env)
+    both = comfy_nodes.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(pm, 1.3, 1.4, 0.9, 0.2)[0]
+    a = _sample(pm, env)
+    b = _sample(both, env)
+    assert torch.isfinite(b).all() and (a - b).abs().max() > 1e-4
+
+
+# ---- isolation -------------------------------------------------------------------------------
+
+def test_nothing_persists_between_runs_or_graphs(pnp_env):
+    from plugkit.nodes.pnp import injection as inj
+    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInvert
+
+    env = pnp_env
+    model = env["model"]
+    plain_before = _sample(model, env)
+    other_src, _ = PlugKitPnPInvert.execute(model=model, samples={"samples": env["latent"].flip(-1)},
+                                            conditioning=env["source_cond"], steps=5, inversion_steps=5).result
+    a = _inject(model, env)
+    b = _inject(model, dict(env, source=other_src))
+    first = _sample(a, env)
+    other = _sample(b, env)
+    again = _sample(a, env)
+    assert torch.equal(first, again)
+    assert (first - other).abs().max() > 1e-3
+    assert torch.equal(_sample(model, env), plain_before)
+    # the incoming model was never touched
+    assert not model.object_patches and not inj.has_pnp(model)
+    assert inj.RUN_KEY not in a.model_options.get("transformer_options", {})
+    assert inj.current_call() is None
+
+
+def test_interrupted_run_leaves_nothing_behind(pnp_env):
+    import comfy.sample
+
+    from plugkit.nodes.pnp import injection as inj
+
+    env = pnp_env
+    pm = _inject(env["model"], env)
+    reference = _sample(pm, env)
+
+    class Stop(Exception):
+        pass
+
+    def callback(step, x0, x, total):
+        if step == 1:
+            raise Stop
+
+    lat = env["inverted"]["samples"]
+    with pytest.raises(Stop):
+        comfy.sample.sample(pm, torch.zeros_like(lat), env["steps"], 3.0, "ddim", "ddim_uniform", env["target_cond"],
+                            env["negative"], lat, disable_noise=True, callback=callback, disable_pbar=True, seed=0)
+    assert inj.current_call() is None
+    assert inj.RUN_KEY not in pm.model_options.get("transformer_options", {})
+    assert torch.equal(_sample(pm, env), reference)
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+def test_error_for_a_non_unet_model(pnp_env):
+    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject, PlugKitPnPInvert
+
+    fake = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="PlugKitPnPInject.*U-Net"):
+        PlugKitPnPInject.execute(model=fake, pnp_source=pnp_env["source"])
+    with pytest.raises(ValueError, match="PlugKitPnPInvert.*U-Net"):
+        PlugKitPnPInvert.execute(model=fake, samples={"samples": pnp_env["latent"]}, conditioning=pnp_env["source_cond"])
+
+
+def test_error_for_a_source_of_another_latent_size_or_batch(pnp_env):
+    env = pnp_env
+    pm = _inject(env["model"], env)
+    with pytest.raises(ValueError, match=r"PlugKitPnPInject.*24x16 latent.*16x16 latent"):
+        _sample(pm, env, latent=torch.zeros(1, 4, 16, 24))
+    two = dataclasses.replace(env["source"], trajectory=type(env["source"].trajectory)(
+        env["source"].trajectory.sigmas, env["source"].trajectory.latents.repeat(1, 2, 1, 1, 1)))
+    pm2 = _inject(env["model"], dict(env, source=two))
+    with pytest.raises(ValueError, match="batch is 3 but 'pnp_source' holds 2"):
+        _sample(pm2, env, latent=env["inverted"]["samples"].repeat(3, 1, 1, 1))
+
+
+def test_error_for_a_source_of_another_model_family(pnp_env):
+    env = pnp_env
+    sdxl_source = dataclasses.replace(env["source"], family="SDXL")
+    with pytest.raises(ValueError, match="SDXL model but 'model' is a SD15 model"):
+        _inject(env["model"], dict(env, source=sdxl_source))
+
+
+def test_error_cases_of_inject_inputs(pnp_env):
+    env = pnp_env
+    pm = _inject(env["model"], env)
+    with pytest.raises(ValueError, match="already comes from a Plug-and-Play Inject"):
+        _inject(pm, env)
+    with pytest.raises(ValueError, match="feature_blocks"):
+        _inject(env["model"], env, feature_blocks="4x")
+    with pytest.raises(ValueError, match="decoder block 12 does not exist"):
+        _inject(env["model"], env, attention_blocks="4-12")
+    with pytest.raises(ValueError, match="no self-attention"):
+        _inject(env["model"], env, attention_blocks="1")
+    with pytest.raises(ValueError, match="feature_injection"):
+        _inject(env["model"], env, features=1.5)
+    with pytest.raises(TypeError, match="pnp_source"):
+        from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject
+        PlugKitPnPInject.execute(model=env["model"], pnp_source="nope")
+
+
+def test_family_defaults_and_block_parsing():
+    from plugkit.nodes.pnp import injection as inj
+
+    sd15 = types.SimpleNamespace(output_blocks=[None] * 12)
+    sdxl = types.SimpleNamespace(output_blocks=[None] * 9)
+    assert inj.family_defaults(sd15, "N")["features"] == (4,)
+    assert inj.family_defaults(sd15, "N")["attention"] == tuple(range(4, 12))
+    assert inj.family_defaults(sdxl, "N") == {"name": "SDXL", "features": (1,), "attention": (1, 2, 3, 4, 5)}
+    assert inj.parse_blocks("output.4, 6-7", 12, "N", "x") == (4, 6, 7)
+    assert inj.parse_blocks("none", 12, "N", "x") == ()
+    with pytest.raises(ValueError):
+        inj.family_defaults(types.SimpleNamespace(output_blocks=[None] * 5), "N")
+
+
+def test_custom_blocks_inject_where_asked(pnp_env):
+    env = pnp_env
+    pm = _inject(env["model"], env, feature_blocks="5", attention_blocks="none")
+    assert list(pm.object_patches) == ["diffusion_model.output_blocks.5.0"]
+    assert "attn1" not in pm.model_options.get("transformer_options", {}).get("patches_replace", {})
+    assert (_sample(pm, env) - _sample(env["model"], env)).abs().max() > 1e-3
+
+
+# ---- feature map -----------------------------------------------------------------------------
+
+def test_feature_map_images(pnp_env):
+    from plugkit.nodes.pnp.nodes_pnp import PlugKitFeatureMap
+
+    env = pnp_env
+    out = PlugKitFeatureMap.execute(model=env["model"], pnp_source=env["source"], block=-1, step=0, kind="features")
+    img = out.result[0]
+    assert img.shape == (1, 128, 128, 3)
+    assert float(img.min()) >= 0.0 and float(img.max()) <= 1.0 and float(img.std()) > 0.05
+    assert out.ui is not None and out.ui.as_dict()["images"]
+    same = PlugKitFeatureMap.execute(model=env["model"], pnp_source=env["source"], block=4, step=0, kind="features").result[0]
+    assert torch.equal(img, same)
+    other = PlugKitFeatureMap.execute(model=env["model"], pnp_source=env["source"], block=8, step=0, kind="features").result[0]
+    assert not torch.allclose(img, other, atol=1e-2)
+    attn = PlugKitFeatureMap.execute(model=env["model"], pnp_source=env["source"], block=4, step=2,
+                                     kind="self-attention").result[0]
+    assert attn.shape == (1, 128, 128, 3) and float(attn.std()) > 0.05
+    with pytest.raises(ValueError, match="'step' is 9"):
+        PlugKitFeatureMap.execute(model=env["model"], pnp_source=env["source"], block=4, step=9)
+    with pytest.raises(ValueError, match="no self-attention"):
+        PlugKitFeatureMap.execute(model=env["model"], pnp_source=env["source"], block=0, kind="self-attention")

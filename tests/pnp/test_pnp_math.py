@@ -1,0 +1,205 @@
+"""Pure-torch tests of the Plug-and-Play math: inversion, trajectory lookup, PCA (no ComfyUI)."""
+import math
+
+import pytest
+import torch
+
+from plugkit.nodes.pnp.ddim_inversion import (
+    SourceTrajectory,
+    ddim_invert,
+    ddim_sample,
+    injection_steps,
+    step_index,
+    subdivide_schedule,
+    substeps_for,
+)
+from plugkit.nodes.pnp.feature_pca import (
+    attention_pca_image,
+    feature_pca_image,
+    normalise_channels,
+    principal_components,
+    self_attention,
+    upscale_nearest,
+)
+
+COARSE = torch.tensor([0.0, 0.03, 0.5, 1.6, 4.0, 14.6])
+
+
+# ---- schedules -------------------------------------------------------------------------------
+
+def test_subdivide_keeps_coarse_points_and_splits_each_interval():
+    fine, pos = subdivide_schedule(COARSE, 4)
+    assert torch.equal(fine[pos], COARSE)
+    assert bool((fine[1:] > fine[:-1]).all())
+    # the interval from sigma 0 is one step (official), every other interval 4
+    assert pos == [0, 1, 5, 9, 13, 17]
+    assert fine.numel() == 18
+
+
+def test_subdivide_uses_the_timestep_warp_when_given():
+    to_t = lambda s: torch.log(s) * 2.0  # noqa: E731
+    to_sigma = lambda t: torch.exp(t / 2.0)  # noqa: E731
+    fine, pos = subdivide_schedule(COARSE, 2, to_t=to_t, to_sigma=to_sigma)
+    mid = fine[pos[3] - 1]  # between 0.5 and 1.6: geometric mean in this warp
+    assert mid == pytest.approx(math.sqrt(0.5 * 1.6), rel=1e-5)
+
+
+def test_subdivide_rejects_bad_schedules():
+    with pytest.raises(ValueError):
+        subdivide_schedule(torch.tensor([1.0, 0.5]), 2)
+    with pytest.raises(ValueError):
+        subdivide_schedule(COARSE, 0)
+
+
+def test_substeps_for():
+    assert substeps_for(50, 999) == 20
+    assert substeps_for(50, 10) == 1
+    assert substeps_for(10, 25) == 2
+
+
+# ---- inversion -------------------------------------------------------------------------------
+
+def test_constant_eps_inversion_and_sampling_are_exact_inverses():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 8, 8, generator=g)
+    n = torch.randn(2, 4, 8, 8, generator=g)
+    fine, pos = subdivide_schedule(COARSE, 3)
+    traj = ddim_invert(x0, fine, lambda x, lo, hi: n, keep=pos)
+    for p in pos:
+        assert torch.allclose(traj[p], x0 + float(fine[p]) * n, atol=1e-5)
+    back = ddim_sample(traj[pos[-1]], COARSE.flip(0), lambda x, s: x - s * n)
+    assert torch.allclose(back, x0, atol=1e-5)
+
+
+def _gaussian_eps(scale):
+    """Exact eps of data ~ N(0, scale^2) at the latent's own sigma (the probability-flow ODE)."""
+    def eps_fn(x, lo, hi):
+        return x * lo / (scale ** 2 + lo ** 2)
+    return eps_fn
+
+
+def test_inversion_converges_with_more_substeps():
+    # ODE dx/dsigma = x sigma / (s^2 + sigma^2) has x(sigma) = x0 sqrt(s^2 + sigma^2) / s
+    s = 0.5
+    x0 = torch.ones(1, 1, 2, 2)
+    coarse = torch.tensor([0.0, 0.1, 1.0, 5.0])
+    exact = float(x0[0, 0, 0, 0]) * math.sqrt(s ** 2 + 5.0 ** 2) / s
+    errors = []
+    for sub in (1, 2, 4, 8, 16):
+        fine, pos = subdivide_schedule(coarse, sub)
+        top = ddim_invert(x0, fine, _gaussian_eps(s), keep=[pos[-1]])[pos[-1]]
+        errors.append(abs(float(top[0, 0, 0, 0]) - exact))
+    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+
+
+def test_ddim_invert_callback_and_keep():
+    calls = []
+    out = ddim_invert(torch.zeros(1), torch.tensor([0.0, 1.0, 2.0]), lambda x, lo, hi: torch.ones(1),
+                      keep=[0, 2], callback=lambda i, n: calls.append((i, n)))
+    assert sorted(out) == [0, 2]
+    assert calls == [(1, 2), (2, 2)]
+    assert float(out[2]) == 2.0
+
+
+# ---- trajectory ------------------------------------------------------------------------------
+
+def _trajectory():
+    sig = torch.tensor([8.0, 4.0, 1.0, 0.0])
+    lat = torch.stack([torch.full((1, 2, 2, 2), v) for v in (80.0, 40.0, 10.0, 0.5)])
+    return SourceTrajectory(sig, lat)
+
+
+def test_trajectory_exact_on_schedule():
+    tr = _trajectory()
+    for i, s in enumerate(tr.sigmas):
+        assert tr.index_of(float(s)) == i
+        assert torch.equal(tr.at(float(s)), tr.latents[i])
+    assert tr.index_of(4.0 * (1 + 1e-7)) == 1
+    assert tr.index_of(4.01) is None
+
+
+def test_trajectory_chord_between_points_and_extension():
+    tr = _trajectory()
+    assert float(tr.at(2.5)[0, 0, 0, 0]) == pytest.approx(25.0)  # halfway between sigma 4 and 1
+    assert float(tr.at(0.5)[0, 0, 0, 0]) == pytest.approx(5.25)
+    assert float(tr.at(10.0)[0, 0, 0, 0]) == pytest.approx(100.0)  # top interval extended
+    assert float(tr.at(-1.0)[0, 0, 0, 0]) == pytest.approx(0.5)
+
+
+def test_trajectory_chord_is_exact_for_single_step_intervals_of_constant_eps():
+    x0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    n = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(4))
+    asc = COARSE
+    out = ddim_invert(x0, asc, lambda x, lo, hi: n, keep="all")
+    tr = SourceTrajectory(asc.flip(0), torch.stack([out[i] for i in reversed(range(asc.numel()))]))
+    assert torch.allclose(tr.at(2.2), x0 + 2.2 * n, atol=1e-5)
+
+
+def test_trajectory_validation_and_device_move():
+    with pytest.raises(ValueError):
+        SourceTrajectory(torch.tensor([1.0, 2.0]), torch.zeros(2, 1))
+    with pytest.raises(ValueError):
+        SourceTrajectory(torch.tensor([2.0, 1.0]), torch.zeros(3, 1))
+    tr = _trajectory()
+    assert tr.to("cpu") is tr
+    assert tr.shape == (1, 2, 2, 2)
+    assert tr.nbytes() == 4 * 8 * 4
+
+
+def test_step_index_and_injection_steps():
+    sig = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0])
+    assert step_index(10.0, sig) == 0
+    assert step_index(5.0, sig) == 1
+    assert step_index(3.0, sig) == 1  # intermediate evaluation belongs to the step it starts from
+    assert step_index(1.0, sig) == 3
+    assert injection_steps(50, 0.8) == 40 and injection_steps(50, 0.5) == 25  # official int(n*share)
+    assert injection_steps(5, 0.0) == 0 and injection_steps(5, 1.0) == 5
+    assert injection_steps(10, 0.7) == 7  # 10*0.7 = 6.999... in floats
+
+
+# ---- PCA ------------------------------------------------------------------------------------
+
+def test_principal_components_find_the_dominant_direction():
+    g = torch.Generator().manual_seed(0)
+    direction = torch.tensor([3.0, 0.0, 4.0, 0.0]) / 5
+    coeff = torch.randn(200, 1, generator=g)
+    data = coeff * direction * 10 + 0.01 * torch.randn(200, 4, generator=g)
+    comps = principal_components(data, 3)
+    assert comps.shape == (200, 3)
+    corr = torch.corrcoef(torch.stack([comps[:, 0], coeff[:, 0]]))[0, 1]
+    assert abs(float(corr)) > 0.999
+    assert comps[:, 0].var() > 100 * comps[:, 1].var()
+    # deterministic sign: the same data in another row order gives the same projections
+    perm = torch.randperm(200, generator=g)
+    assert torch.allclose(principal_components(data[perm], 3), comps[perm], atol=1e-4)
+
+
+def test_feature_pca_image_and_normalisation():
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(16, 6, 5, generator=g)
+    img = feature_pca_image(feats)
+    assert img.shape == (6, 5, 3)
+    assert float(img.min()) == 0.0 and float(img.max()) == 1.0
+    flat = normalise_channels(torch.ones(2, 2, 3))
+    assert torch.equal(flat, torch.full((2, 2, 3), 0.5))
+    with pytest.raises(ValueError):
+        feature_pca_image(torch.zeros(4, 4))
+
+
+def test_self_attention_rows_are_distributions_and_image_shape():
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(12, 8, generator=g)
+    k = torch.randn(12, 8, generator=g)
+    attn = self_attention(q, k, heads=2)
+    assert attn.shape == (12, 12)
+    assert torch.allclose(attn.sum(-1), torch.ones(12), atol=1e-5)
+    img = attention_pca_image(q, k, 2, 3, 4)
+    assert img.shape == (3, 4, 3)
+    with pytest.raises(ValueError):
+        attention_pca_image(q, k, 2, 5, 5)
+
+
+def test_upscale_nearest():
+    img = torch.arange(4.0).reshape(2, 2, 1)
+    up = upscale_nearest(img, 2)
+    assert up.shape == (4, 4, 1) and float(up[1, 1, 0]) == 0.0 and float(up[3, 3, 0]) == 3.0
