@@ -1,0 +1,242 @@
+"""Host tests: PlugKitFreeU sampling a tiny SD1.x model (and refusing a tiny Flux) inside ComfyUI."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+TOL = 1e-5
+STEPS = 4
+
+
+@pytest.fixture
+def env(comfy, tiny_model):
+    from tools.models import random_conditioning
+
+    latent = torch.zeros(1, 4, 16, 16)
+    return tiny_model, latent, random_conditioning(seed=1), random_conditioning(seed=2)
+
+
+def node():
+    from plugkit.nodes.freeu.freeu_node import PlugKitFreeU
+
+    return PlugKitFreeU
+
+
+def ours(model, b1=1.3, b2=1.4, s1=0.9, s2=0.2, **kw):
+    return node().execute(model=model, b1=b1, b2=b2, s1=s1, s2=s2, **kw).result[0]
+
+
+def run(env, model, latent=None, **kw):
+    from tools.models import sample
+
+    _, lat, pos, neg = env
+    return sample(model, lat if latent is None else latent, pos, neg, steps=kw.pop("steps", STEPS), **kw)
+
+
+def output_patches(m):
+    return m.model_options["transformer_options"].get("patches", {}).get("output_block_patch", [])
+
+
+def freeu_patch_of(m):
+    found = [p for p in output_patches(m) if getattr(p, "plugkit_freeu", False)]
+    assert len(found) == 1
+    return found[0]
+
+
+# -- parity with core ------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 4, 16, 16), (2, 4, 16, 24)], ids=["16x16", "batch2-16x24"])
+def test_v2_matches_core_freeu_v2(env, comfy_nodes, shape):
+    model = env[0]
+    latent = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    base = run(env, model, latent)
+    core = run(env, comfy_nodes.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(model, 1.3, 1.4, 0.9, 0.2)[0], latent)
+    mine = run(env, ours(model, version="v2"), latent)
+    assert (core - base).abs().max() > 1e-2  # FreeU really acts on this model
+    assert (mine - core).abs().max() <= TOL
+
+
+def test_v1_matches_core_freeu(env, comfy_nodes):
+    model = env[0]
+    base = run(env, model)
+    core = run(env, comfy_nodes.NODE_CLASS_MAPPINGS["FreeU"]().patch(model, 1.1, 1.2, 0.9, 0.2)[0])
+    mine = run(env, ours(model, 1.1, 1.2, 0.9, 0.2, version="v1"))
+    assert (core - base).abs().max() > 1e-2
+    assert (mine - core).abs().max() <= TOL
+
+
+def test_preset_matches_core_with_same_values(env, comfy_nodes):
+    model = env[0]
+    core = run(env, comfy_nodes.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(model, 1.5, 1.6, 0.9, 0.2)[0])
+    mine = run(env, ours(model, 9, 9, 9, 9, preset="SD1.5"))  # the preset overrides the sliders
+    assert (mine - core).abs().max() <= TOL
+    auto = freeu_patch_of(ours(model, 9, 9, 9, 9, preset="auto"))
+    assert (auto.b1, auto.b2, auto.s1, auto.s2) == (1.5, 1.6, 0.9, 0.2)  # tiny model is an SD15 config
+
+
+def test_identity_factors_reproduce_unpatched_exactly(env):
+    model = env[0]
+    base = run(env, model)
+    for version in ("v2", "v1"):
+        assert torch.equal(run(env, ours(model, 1.0, 1.0, 1.0, 1.0, version=version)), base)
+
+
+def test_stages_by_channel_count(env, monkeypatch):
+    from plugkit.nodes.freeu.freeu_patch import FreeUPatch
+
+    seen = []
+    real = FreeUPatch._apply
+
+    def spy(self, h, hsp, b, s, o):
+        seen.append((o["block"][1], h.shape[1], b, s))
+        return real(self, h, hsp, b, s, o)
+
+    monkeypatch.setattr(FreeUPatch, "_apply", spy)
+    run(env, ours(env[0]), steps=1, cfg=1.0)
+    mc = 32
+    assert sorted({(blk, c) for blk, c, _, _ in seen}) == (
+        [(i, 4 * mc) for i in range(7)] + [(i, 2 * mc) for i in range(7, 10)])
+    assert {(c, b, s) for _, c, b, s in seen} == {(4 * mc, 1.3, 0.9), (2 * mc, 1.4, 0.2)}
+
+
+# -- timestep range --------------------------------------------------------------------------------
+def test_range_gates_the_patch(env, monkeypatch):
+    import comfy.samplers
+
+    from plugkit.nodes.freeu.freeu_patch import FreeUPatch
+
+    model = env[0]
+    applied = []
+    real = FreeUPatch._apply
+    monkeypatch.setattr(FreeUPatch, "_apply",
+                        lambda self, h, hsp, b, s, o: applied.append(float(o["sigmas"][0])) or real(self, h, hsp, b, s, o))
+    m = ours(model, start_percent=0.3, end_percent=0.7)
+    steps = 8
+    run(env, m, steps=steps)
+    ms = model.get_model_object("model_sampling")
+    lo, hi = ms.percent_to_sigma(0.7), ms.percent_to_sigma(0.3)
+    schedule = [float(s) for s in comfy.samplers.calculate_sigmas(ms, "normal", steps)[:-1]]
+    inside = {s for s in schedule if lo <= s <= hi}
+    assert 0 < len(inside) < len(schedule)
+    assert {round(s, 4) for s in applied} == {round(s, 4) for s in inside}
+    assert len(applied) == len(inside) * 10  # 10 FreeU concats per step (cond+uncond batched)
+    patch = freeu_patch_of(m)  # per-run state was reset
+    assert (patch.sigma_start, patch.sigma_end, patch.suppressed) == (hi, lo, False) or patch.sigma_start == pytest.approx(hi)
+
+
+def test_range_outside_every_step_is_the_plain_model(env):
+    model = env[0]
+    base = run(env, model)
+    assert torch.equal(run(env, ours(model, start_percent=1.0, end_percent=1.0)), base)
+    full = run(env, ours(model, start_percent=0.0, end_percent=1.0))
+    assert (full - base).abs().max() > 1e-2
+
+
+def test_range_follows_model_sampling_applied_later(env, comfy_nodes, monkeypatch):
+    from plugkit.nodes.freeu.freeu_patch import FreeUPatch
+
+    seen = []
+    real = FreeUPatch.begin_run
+    monkeypatch.setattr(FreeUPatch, "begin_run",
+                        lambda self, ms=None, suppressed=False: seen.append(ms) or real(self, ms, suppressed))
+    m = ours(env[0], start_percent=0.25, end_percent=0.75)
+    m2 = comfy_nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]().patch(m, "eps", True)[0]  # zsnr
+    run(env, m2, steps=2)
+    assert len(seen) == 1
+    ms = m2.get_model_object("model_sampling")
+    assert seen[0] is ms
+    assert ms.percent_to_sigma(0.25) != env[0].get_model_object("model_sampling").percent_to_sigma(0.25)
+
+
+def test_start_after_end_is_a_clear_error(env):
+    with pytest.raises(ValueError, match=r"PlugKitFreeU.*start_percent"):
+        ours(env[0], start_percent=0.8, end_percent=0.2)
+
+
+# -- cond / uncond ---------------------------------------------------------------------------------
+def test_apply_to_cond_or_uncond(env):
+    model = env[0]
+    # cfg == 1: ComfyUI runs only the cond pass.
+    base1 = run(env, model, cfg=1.0)
+    both1 = run(env, ours(model), cfg=1.0)
+    assert torch.equal(run(env, ours(model, apply_to="uncond"), cfg=1.0), base1)
+    assert torch.equal(run(env, ours(model, apply_to="cond"), cfg=1.0), both1)
+    # cfg > 1: cond-only and uncond-only differ from each other, from both and from none.
+    outs = {a: run(env, ours(model, apply_to=a)) for a in ("both", "cond", "uncond")}
+    outs["none"] = run(env, model)
+    names = list(outs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert (outs[a] - outs[b]).abs().max() > 1e-3, (a, b)
+
+
+# -- chaining --------------------------------------------------------------------------------------
+def test_second_plugkit_freeu_replaces_the_first(env, caplog):
+    model = env[0]
+    with caplog.at_level(logging.WARNING):
+        chained = ours(ours(model, 1.1, 1.2, 0.5, 0.5), 1.3, 1.4, 0.9, 0.2)
+    assert any("replaced" in r.getMessage() for r in caplog.records)
+    assert len(output_patches(chained)) == 1
+    assert len(chained.get_wrappers("outer_sample", "plugkit_freeu")) == 1
+    assert torch.equal(run(env, chained), run(env, ours(model)))
+    assert output_patches(model) == []  # the input model is never modified
+
+
+def test_plugkit_after_core_freeu_replaces_it(env, comfy_nodes, caplog):
+    model = env[0]
+    core = comfy_nodes.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(model, 1.1, 1.2, 0.5, 0.5)[0]
+    with caplog.at_level(logging.WARNING):
+        chained = ours(core)
+    assert any("core FreeU_V2" in r.getMessage() for r in caplog.records)
+    assert torch.equal(run(env, chained), run(env, ours(model)))
+
+
+def test_core_freeu_after_plugkit_wins(env, comfy_nodes, caplog):
+    model = env[0]
+    core_node = comfy_nodes.NODE_CLASS_MAPPINGS["FreeU_V2"]()
+    chained = core_node.patch(ours(model, 1.1, 1.2, 0.5, 0.5), 1.3, 1.4, 0.9, 0.2)[0]
+    with caplog.at_level(logging.WARNING):
+        out = run(env, chained)
+    assert any("core FreeU" in r.getMessage() and "off for this run" in r.getMessage() for r in caplog.records)
+    assert torch.equal(out, run(env, core_node.patch(model, 1.3, 1.4, 0.9, 0.2)[0]))
+    assert freeu_patch_of(chained).suppressed is False  # reset after the run
+
+
+# -- models without a U-Net decoder -----------------------------------------------------------------
+def tiny_flux():
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
+           "context_in_dim": 32, "hidden_size": 32, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
+           "depth_single_blocks": 1, "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2,
+           "qkv_bias": True, "guidance_embed": False}
+    config = comfy.supported_models.Flux(cfg)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                            offload_device=torch.device("cpu"))
+
+
+def test_dit_is_refused_with_a_clear_error(comfy, comfy_nodes):
+    flux = tiny_flux()
+    with pytest.raises(ValueError) as err:
+        ours(flux)
+    msg = str(err.value)
+    assert "PlugKitFreeU" in msg and "Flux" in msg and "U-Net" in msg and "skip" in msg
+    with pytest.raises(KeyError):  # what core FreeU_V2 does on the same model
+        comfy_nodes.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(flux, 1.3, 1.4, 0.9, 0.2)
+
+
+# -- registration ----------------------------------------------------------------------------------
+def test_node_registered_with_tooltips(comfy):
+    from plugkit.nodes.extension import all_nodes
+
+    assert node() in all_nodes()
+    schema = node().define_schema()
+    assert schema.node_id == "PlugKitFreeU" and schema.category == "PlugKit/FreeU"
+    names = [i.id for i in schema.inputs]
+    assert names[:8] == ["model", "b1", "b2", "s1", "s2", "version", "start_percent", "end_percent"]
+    assert all(i.tooltip for i in schema.inputs)
+    assert all(i.optional for i in schema.inputs[8:])
