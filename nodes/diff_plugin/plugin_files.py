@@ -215,7 +215,9 @@ def load_plugin_safetensors(path: str | os.PathLike, name: str | None = None) ->
     task = metadata.get("task") or name or path.stem
     start = metadata.get("start")
     start_from_noise = (start == "noise") if start else task.lower() in NOISE_START_TASKS
-    plugin = TaskPlugin(name=name or task, start_from_noise=start_from_noise)
+    cond_weight = tensors.get("scb.controlnet_cond_embedding.weight")
+    channels = int(cond_weight.shape[0]) if cond_weight is not None and cond_weight.ndim == 4 else 320
+    plugin = TaskPlugin(name=name or task, start_from_noise=start_from_noise, scb_channels=channels)
     tpb = {k[4:]: v for k, v in tensors.items() if k.startswith("tpb.")}
     scb = {k[4:]: v for k, v in tensors.items() if k.startswith("scb.")}
     foreign = [k for k in tensors if not k.startswith(("tpb.", "scb."))]

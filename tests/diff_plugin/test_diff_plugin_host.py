@@ -1,0 +1,261 @@
+"""Diff-Plugin in a real ComfyUI (in-process, CPU, tiny SD1.x U-Net with 32 base channels, so the
+plugins here have a 32-channel SCB; the TPB and the SCB's structure are the released ones).
+
+CLIP vision and the VAE are small stand-ins with the same interface (encode_image / encode /
+decode): these tests are about the plugin plumbing; tests/e2e runs the real loaders."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diff_plugin_testlib import random_state, write_released_plugin
+
+
+class StubClipVision:
+    """CLIP ViT-L/14-shaped output: last_hidden_state [B, 257, 1024], depending on the image."""
+
+    def __init__(self, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.basis = torch.randn(3, 257, 1024, generator=gen)
+
+    def encode_image(self, image, crop=True):
+        colour = image[..., :3].mean(dim=(1, 2))  # [B, 3]
+        return {"last_hidden_state": torch.einsum("bc,ctd->btd", colour, self.basis)}
+
+
+class StubVAE:
+    """8x downsampling 'VAE' with a fixed channel mix; decode is its rough inverse."""
+
+    def __init__(self):
+        gen = torch.Generator().manual_seed(1)
+        self.mix = torch.randn(4, 3, generator=gen)
+        self.encode_calls = 0
+
+    def encode(self, pixels):
+        self.encode_calls += 1
+        x = torch.nn.functional.avg_pool2d(pixels[..., :3].movedim(-1, 1), 8)
+        return torch.einsum("oc,bchw->bohw", self.mix, x * 2 - 1) * 3
+
+    def decode(self, latent):
+        x = torch.einsum("co,bohw->bchw", torch.linalg.pinv(self.mix), latent / 3)
+        x = torch.nn.functional.interpolate(x, scale_factor=8, mode="nearest")
+        return ((x + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+
+def make_handle(name="derain", seed=0, zero_outputs=False, channels=32):
+    from plugkit.nodes.diff_plugin.scb_control import PluginHandle
+    from plugkit.nodes.diff_plugin.task_plugin import TaskPlugin
+
+    plugin = TaskPlugin(name, scb_channels=channels)
+    plugin.load_state_dict(random_state(plugin, seed))
+    if zero_outputs:
+        plugin.scb.zero_output_convs()
+    return PluginHandle(plugin)
+
+
+def image(seed=0, size=128):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(1, size, size, 3, generator=gen)
+
+
+def plain_conditioning(cond):
+    return [[cond[0][0].clone(), {}]]
+
+
+@pytest.fixture
+def setup(comfy, tiny_model):
+    return tiny_model, StubClipVision(), StubVAE(), image()
+
+
+def run(model, positive, latent, steps=4, sampler="euler", **kw):
+    from tools.models import sample
+
+    return sample(model, latent["samples"], positive, [], steps=steps, cfg=1.0, sampler=sampler, **kw)
+
+
+def test_apply_outputs_fp_as_context_and_start_latent(setup):
+    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitApplyTaskPlugin
+
+    model, cv, vae, img = setup
+    handle = make_handle()
+    before = repr(model.model_options)
+    m, positive, latent = PlugKitApplyTaskPlugin.execute(model=model, plugin=handle, clip_vision=cv, vae=vae,
+                                                         image=img).result
+    assert m is not model and repr(model.model_options) == before  # incoming model untouched
+    fp = positive[0][0]
+    expected = handle.plugin.tpb(cv.encode_image(img)["last_hidden_state"][:, 1:])
+    assert fp.shape == (1, 256, 768)
+    torch.testing.assert_close(fp, expected)
+    assert positive[0][1]["control"].handle is handle
+    torch.testing.assert_close(latent["samples"], vae.encode(img))
+    _, _, noise_start = PlugKitApplyTaskPlugin.execute(model=model, plugin=make_handle("lowlight"), clip_vision=cv,
+                                                       vae=vae, image=img).result
+    assert noise_start["samples"].abs().max() == 0 and noise_start["samples"].shape == latent["samples"].shape
+
+
+def test_fp_replaces_the_context_in_the_unet(setup):
+    from plugkit.nodes.diff_plugin.plugin_nodes import apply_task_plugin
+
+    model, cv, vae, img = setup
+    m, positive, latent = apply_task_plugin(model, make_handle(), cv, vae, img)
+    seen = []
+
+    def capture(q, k, v, extra_options):
+        seen.append(k.detach().clone())
+        return q, k, v
+
+    m.set_model_attn2_patch(capture)
+    run(m, positive, latent, steps=1)
+    assert seen, "no cross-attention ran"
+    for k in seen:
+        torch.testing.assert_close(k, positive[0][0])
+
+
+def test_residuals_land_on_the_last_three_skips_only(setup):
+    from plugkit.nodes.diff_plugin.plugin_nodes import apply_task_plugin
+
+    model, cv, vae, img = setup
+    handle = make_handle(seed=5)
+    m, positive, latent = apply_task_plugin(model, handle, cv, vae, img)
+
+    def skips(m, cond):
+        seen, sigmas = {}, []
+
+        def patch(h, hsp, transformer_options):
+            block = transformer_options["block"][1]
+            if block not in seen:
+                seen[block] = hsp.detach().clone()
+                sigmas.append(transformer_options["sigmas"].clone())
+            return h, hsp
+
+        m = m.clone()
+        m.set_model_output_block_patch(patch)
+        run(m, cond, latent, steps=1)
+        return seen, sigmas[0]
+
+    with_plugin, sigma = skips(m, positive)
+    plain, _ = skips(model, plain_conditioning(positive))
+    assert sorted(with_plugin) == list(range(12))
+    for block in range(9):
+        assert torch.equal(with_plugin[block], plain[block]), f"output block {block} skip changed"
+    cond_latent = m.get_model_object("latent_format").process_in(latent["samples"])
+    t = m.get_model_object("model_sampling").timestep(sigma)
+    with torch.no_grad():
+        residuals = handle.plugin.scb(cond_latent, t, positive[0][0])
+    for block, residual in zip((11, 10, 9), residuals):
+        diff = with_plugin[block] - plain[block]
+        assert residual.abs().max() > 1e-3
+        torch.testing.assert_close(diff, residual, rtol=1e-4, atol=1e-5)
+
+
+def test_zero_initialised_scb_equals_plain_sampling_with_fp(setup):
+    from plugkit.nodes.diff_plugin.plugin_nodes import apply_task_plugin
+
+    model, cv, vae, img = setup
+    m, positive, latent = apply_task_plugin(model, make_handle(zero_outputs=True), cv, vae, img)
+    out = run(m, positive, latent, steps=2, seed=3)
+    ref = run(model, plain_conditioning(positive), latent, steps=2, seed=3)
+    assert torch.equal(out, ref)
+    m2, positive2, _ = apply_task_plugin(model, make_handle(seed=2), cv, vae, img)
+    assert not torch.allclose(run(m2, positive2, latent, steps=2, seed=3), ref)  # a trained SCB does act
+
+
+def test_control_api_copy_models_chain_and_cleanup(setup):
+    from plugkit.nodes.diff_plugin.plugin_nodes import apply_task_plugin
+
+    model, cv, vae, img = setup
+    h1, h2 = make_handle(seed=1), make_handle(seed=2)
+    _, pos1, latent = apply_task_plugin(model, h1, cv, vae, img)
+    _, pos2, _ = apply_task_plugin(model, h2, cv, vae, img)
+    c1, c2 = pos1[0][1]["control"], pos2[0][1]["control"]
+    copied = c1.copy()
+    assert copied is not c1 and copied.handle is h1 and copied.cond_latent is c1.cond_latent
+    assert h1.patcher in c1.get_models()
+    chained = c2.copy().set_previous_controlnet(c1.copy())
+    assert {id(p) for p in chained.get_models()} == {id(h1.patcher), id(h2.patcher)}
+    ms = model.get_model_object("model_sampling")
+
+    class _M:
+        model_sampling = ms
+
+    sigma = torch.tensor([5.0])
+    x = torch.zeros_like(latent["samples"])
+    for c in (c1, c2, chained):
+        c.pre_run(_M, ms.percent_to_sigma)
+    cond = {"c_crossattn": pos1[0][0]}
+    a = c1.get_control(x, sigma, cond, 1, {})["output"]
+    b = c2.get_control(x, sigma, cond, 1, {})["output"]
+    ab = chained.get_control(x, sigma, cond, 1, {})["output"]
+    assert len(ab) == 12 and all(o is None for o in ab[3:])
+    for i in range(3):
+        torch.testing.assert_close(ab[i], a[i] + b[i])
+    chained.cleanup()
+    assert chained.model_sampling_current is None and chained.previous_controlnet.model_sampling_current is None
+
+
+def test_wrong_model_family_is_a_clear_error(comfy, setup):
+    from plugkit.nodes.diff_plugin.plugin_nodes import apply_task_plugin
+    from tools.models import build_model, tiny_unet_config
+
+    model, cv, vae, img = setup
+    sd2_like = build_model(tiny_unet_config(context_dim=1024))
+    with pytest.raises(ValueError, match="PlugKitApplyTaskPlugin: input 'model' is not an SD 1.x U-Net"):
+        apply_task_plugin(sd2_like, make_handle(), cv, vae, img)
+    with pytest.raises(ValueError, match="320"):
+        apply_task_plugin(model, make_handle(channels=320), cv, vae, img)
+
+
+def test_loader_finds_released_and_safetensors_plugins(comfy, tmp_path):
+    import folder_paths
+    from plugkit.nodes.diff_plugin import plugin_files as pf
+    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitTaskPluginLoader, plugin_folders, scan_folder
+    from plugkit.nodes.diff_plugin.plugin_selector import PromptTuner
+    from plugkit.nodes.diff_plugin.task_plugin import TaskPlugin
+
+    plugin_folders()
+    folder_paths.add_model_folder_path("diff_plugin", str(tmp_path))
+    try:
+        _, scb, _ = write_released_plugin(tmp_path / "pre-trained", "desnow", seed=4, module_prefix=True)
+        pf.save_plugin(TaskPlugin("mine"), tmp_path / "mine.safetensors")
+        (tmp_path / "pre-trained" / "plugin_selector").mkdir()
+        torch.save({"model": PromptTuner().state_dict()}, tmp_path / "pre-trained" / "plugin_selector" / "PromptTunner.pt")
+        plugins, selectors = scan_folder()
+        assert "pre-trained/desnow" in plugins and "mine.safetensors" in plugins
+        assert selectors == ["pre-trained/plugin_selector/PromptTunner.pt"] or \
+            "pre-trained/plugin_selector/PromptTunner.pt" in selectors
+        schema = PlugKitTaskPluginLoader.define_schema()
+        assert "pre-trained/desnow" in schema.inputs[0].options
+        handle = PlugKitTaskPluginLoader.execute(plugin_name="pre-trained/desnow").result[0]
+        assert handle.name == "desnow"
+        assert torch.equal(handle.plugin.scb.state_dict()["controlnet_cond_embedding.weight"],
+                           scb["controlnet_cond_embedding.weight"])
+        assert PlugKitTaskPluginLoader.execute(plugin_name="mine.safetensors").result[0].name == "mine"
+        with pytest.raises(ValueError, match="PlugKitTaskPluginLoader.*not found"):
+            PlugKitTaskPluginLoader.execute(plugin_name="nope")
+        (tmp_path / "pre-trained" / "desnow" / "tpb.pt").write_bytes(b"broken")
+        with pytest.raises(ValueError, match="PlugKitTaskPluginLoader: input 'plugin_name'.*tpb.pt"):
+            PlugKitTaskPluginLoader.execute(plugin_name="pre-trained/desnow")
+    finally:
+        folder_paths.folder_names_and_paths["diff_plugin"][0].remove(str(tmp_path))
+
+
+def test_chain_runs_official_schedule(setup):
+    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitRunPluginChain
+
+    model, cv, vae, img = setup
+    calls = []
+
+    def count(apply_model, args):
+        calls.append(1)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    m = model.clone()
+    m.set_model_unet_function_wrapper(count)
+    handles = [make_handle("derain", seed=1), make_handle("dehaze", seed=2)]
+    out = PlugKitRunPluginChain.execute(model=m, plugins=handles, clip_vision=cv, vae=vae, image=img, seed=1,
+                                        steps=3, later_steps=2, sampler_name="euler", scheduler="normal").result[0]
+    assert len(calls) == 3 + 2
+    assert vae.encode_calls == 2
+    assert out.shape == img.shape and torch.isfinite(out).all()
+    same = PlugKitRunPluginChain.execute(model=m, plugins=[], clip_vision=cv, vae=vae, image=img).result[0]
+    assert same is img
