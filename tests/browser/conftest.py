@@ -21,7 +21,7 @@ PACK = "ComfyUI-PlugKit"  # the folder name tools.server links the pack under
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-quic", "--disable-dev-shm-usage", "--window-size=1600,1000",
+    "--disable-quic", "--disable-dev-shm-usage", "--window-size=1920,1080",
     # The frontend calls api.comfy.org (release notes, node registry); the machine has no
     # internet: resolve every name but the loopback server to "not found", without DNS.
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost",
@@ -121,6 +121,8 @@ class Page:
             "return !!(window.app && app.graph && app.extensionManager && window.LiteGraph"
             " && LiteGraph.registered_node_types.KSampler"
             " && document.querySelector('.comfyui-queue-button'))"), timeout=180)
+        # Draw node details at every zoom level, so fitted screenshots of big graphs stay legible.
+        self.ajs("await app.extensionManager.setting.set('LiteGraph.Canvas.MinFontSizeForLOD', 1);")
         time.sleep(1.0)  # let the first-run dialogs and extension setup settle
 
     def dialogs(self) -> list[str]:

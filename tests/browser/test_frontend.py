@@ -242,40 +242,43 @@ def test_help_pages_render(page, server):
 # 5. the template browser lists the workflows under the pack
 # --------------------------------------------------------------------------------------------
 def test_workflows_in_template_browser(page, server):
-    if not WORKFLOWS:
+    workflows = sorted((REPO / "workflows").glob("*.json"))
+    if not workflows:
         pytest.skip("workflows/ has no workflow yet")
-    names = sorted(p.stem for p in WORKFLOWS)
+    names = sorted(p.stem for p in workflows)
     listing = server.get("/workflow_templates")
     assert sorted(listing.get(PACK, [])) == names, listing
-    for p in WORKFLOWS:
+    for p in workflows:
         served = server.get(f"/api/workflow_templates/{PACK}/{p.name}")
         assert served == json.loads(p.read_text()), f"{p.name} is served differently"
 
     page.close_dialogs()
     page.click(".templates-tab-button")
-    page.wait_for("the template browser", lambda: page.js(
-        "return !!document.querySelector('.global-workflow-template-selector')"), timeout=60)
+    dlg = ("[...document.querySelectorAll('.p-dialog')]"
+           ".find(d => d.querySelector('[role=button]') && /Templates/.test(d.innerText))")
+    page.wait_for("the template browser", lambda: page.js(f"return !!{dlg}"), timeout=60)
     time.sleep(1.0)
     clicked = page.js(
-        "const el = [...document.querySelectorAll('.global-workflow-template-selector *')]"
+        f"const dlg = {dlg};"
+        "const el = [...dlg.querySelectorAll('*')]"
         ".filter(e => e.children.length === 0 && e.textContent.trim() === arguments[0]);"
-        "if (!el.length) return false; (el[0].closest('button, a, [role=button], li, div') || el[0]).click();"
+        "if (!el.length) return false; (el[0].closest('button, a, [role=button], li') || el[0]).click();"
         "return true", PACK)
     assert clicked, f"the template browser has no category {PACK!r}"
     time.sleep(1.5)
-    text = page.js("return document.querySelector('.global-workflow-template-selector').innerText")
+    text = page.js(f"return {dlg}.innerText")
     page.shot("05_template_browser")
     absent = [n for n in names if n not in text]
     assert not absent, f"the template browser does not show {absent} under {PACK}"
 
     # Open the first one through the template browser (its own loading path).
-    ui = json.loads(WORKFLOWS[0].read_text())
-    page.js("const el = [...document.querySelectorAll('.global-workflow-template-selector *')]"
+    ui = json.loads(workflows[0].read_text())
+    page.js(f"const dlg = {dlg};"
+            "const el = [...dlg.querySelectorAll('*')]"
             ".find(e => e.children.length === 0 && e.textContent.trim() === arguments[0]);"
             "el.click();", names[0])
-    page.wait_for("the template to load", lambda: not page.js(
-        "return !!document.querySelector('.global-workflow-template-selector')")
-        and page.js("return app.graph.nodes.length") == len(ui["nodes"]), timeout=60)
+    page.wait_for("the template to load", lambda: not page.js(f"return !!{dlg}")
+                  and page.js("return app.graph.nodes.length") == len(ui["nodes"]), timeout=60)
     time.sleep(1.5)
     page.check_workflow_loaded(ui, names[0])
     page.fit_view()
