@@ -56,6 +56,20 @@ def input_scale(model_sampling, sigma_from: float, sigma_to: float) -> float:
     return float(a / b)
 
 
+def timestep_warp(model_sampling):
+    """(sigma -> timestep, timestep -> sigma) on the CPU, wherever the model's buffers live."""
+    buffers = list(model_sampling.buffers()) if isinstance(model_sampling, torch.nn.Module) else []
+    device = buffers[0].device if buffers else torch.device("cpu")
+
+    def to_t(sigma):
+        return model_sampling.timestep(sigma.to(device)).float().cpu()
+
+    def to_sigma(t):
+        return model_sampling.sigma(t.to(device)).float().cpu()
+
+    return to_t, to_sigma
+
+
 def _capture_source_inputs(store: dict):
     def capture(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         if not store:
@@ -123,7 +137,7 @@ class PlugKitPnPInvert(io.ComfyNode):
         if keep_desc.numel() < 2 or bool((keep_desc[1:] >= keep_desc[:-1]).any()):
             raise ValueError(f"{node}: the {scheduler} schedule for {steps} steps is not strictly decreasing; pick another scheduler or step count.")
         substeps = substeps_for(steps, inversion_steps)
-        fine, positions = subdivide_schedule(keep_desc.flip(0), substeps, to_t=ms.timestep, to_sigma=ms.sigma)
+        fine, positions = subdivide_schedule(keep_desc.flip(0), substeps, *timestep_warp(ms))
         n_fine = fine.numel() - 1
 
         m = model.clone()
