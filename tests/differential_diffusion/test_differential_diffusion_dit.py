@@ -1,0 +1,122 @@
+"""Differential Diffusion on models without a U-Net: the mask function needs only ``model_sampling``.
+
+Two checks: (1) the mask function, given a model object that has *nothing but* ``model_sampling``
+(of the U-Net, Flux and SD3 kinds), works for every sigma of a schedule, so it cannot be touching
+network internals; (2) a tiny random Flux (DiT) model built with ComfyUI's own classes samples with
+the node: "keep" is exact, a gradient is followed, and it matches core's pair at defaults.
+"""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from plugkit.nodes.differential_diffusion import change_map as cm
+
+TOL = 1e-5
+
+
+def model_samplings():
+    import comfy.model_sampling as ms
+    import comfy.supported_models as sm
+
+    class Eps(ms.ModelSamplingDiscrete, ms.EPS):
+        pass
+
+    class Flux(ms.ModelSamplingFlux, ms.CONST):
+        pass
+
+    class SD3(ms.ModelSamplingDiscreteFlow, ms.CONST):
+        pass
+
+    return {
+        "sd15": Eps(sm.SD15({})),
+        "flux": Flux(),
+        "sd3": SD3(),
+    }
+
+
+@pytest.mark.parametrize("kind", ["sd15", "flux", "sd3"])
+@pytest.mark.parametrize("schedule", ["sigma", "step"])
+def test_mask_function_uses_only_model_sampling(comfy, kind, schedule):
+    import comfy.samplers
+
+    from plugkit.nodes.differential_diffusion.nodes_differential_diffusion import DenoiseMaskSchedule
+
+    sampling = model_samplings()[kind]
+    sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", 6)
+    bare = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=sampling))  # nothing else to touch
+    change = cm.linear_gradient(8, 8).unsqueeze(1).expand(1, 4, 8, 8)
+    fn = DenoiseMaskSchedule(schedule)
+    freed = []
+    for s in sigmas[:-1]:
+        out = fn(s.view(1), change, {"model": bare, "sigmas": sigmas})
+        assert out.shape == change.shape
+        assert set(out.unique().tolist()) <= {0.0, 1.0}
+        freed.append(out.mean().item())
+    assert freed == sorted(freed) and freed[0] < freed[-1]  # more pixels free as sampling proceeds
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(comfy):
+    """A tiny random Flux DiT (1 double + 1 single block, 64 hidden), with conditioning."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from tools.models import random_init
+
+    config = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
+                  hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1,
+                  axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+    model_config = comfy.supported_models.Flux(config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, device=torch.device("cpu"))
+    random_init(model.diffusion_model, 0)
+    model.diffusion_model.float()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    gen = torch.Generator().manual_seed(0)
+
+    def cond():
+        return [[torch.randn(1, 8, 32, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen),
+                                                         "guidance": 3.5}]]
+
+    latent = torch.randn(1, 16, 16, 16, generator=gen)
+    return patcher, latent, cond(), cond()
+
+
+def run(env, model, noise_mask=None, **kw):
+    from tools.models import sample
+
+    _, lat, pos, neg = env
+    kw.setdefault("cfg", 1.0)
+    kw.setdefault("steps", 4)
+    return sample(model, lat, pos, neg, noise_mask=noise_mask, **kw)
+
+
+def test_flux_keep_is_exact_and_gradient_is_followed(tiny_flux):
+    from plugkit.nodes.differential_diffusion.nodes_differential_diffusion import PlugKitDifferentialDiffusion
+
+    model, lat, _, _ = tiny_flux
+    m, out = PlugKitDifferentialDiffusion.execute(model=model, samples={"samples": lat},
+                                                  change_map=torch.zeros(1, 128, 128), schedule="step").result
+    assert (run(tiny_flux, m, out["noise_mask"]) - lat).abs().max().item() <= TOL
+
+    m, out = PlugKitDifferentialDiffusion.execute(model=model, samples={"samples": lat},
+                                                  change_map=cm.linear_gradient(128, 128),
+                                                  map_convention="white=keep").result
+    res = run(tiny_flux, m, out["noise_mask"])
+    col = (res - lat).abs().mean(dim=(0, 1, 2))
+    assert col[-4:].mean() < col[:4].mean() / 2  # white=keep: the right side (white) changes least
+    assert col[:4].mean() > 1e-2
+
+
+def test_flux_parity_with_core(tiny_flux, comfy_nodes):
+    from plugkit.nodes.differential_diffusion.nodes_differential_diffusion import PlugKitDifferentialDiffusion
+
+    model, lat, _, _ = tiny_flux
+    change = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(1))
+    m, out = PlugKitDifferentialDiffusion.execute(model=model, samples={"samples": lat}, change_map=change).result
+    core = comfy_nodes.NODE_CLASS_MAPPINGS["DifferentialDiffusion"].execute(model).result[0]
+    mask = comfy_nodes.NODE_CLASS_MAPPINGS["SetLatentNoiseMask"]().set_mask({"samples": lat}, change)[0]["noise_mask"]
+    assert (run(tiny_flux, m, out["noise_mask"]) - run(tiny_flux, core, mask)).abs().max().item() <= TOL
