@@ -350,3 +350,56 @@ def test_feature_map_images(pnp_env):
         PlugKitFeatureMap.execute(model=env["model"], pnp_source=env["source"], block=4, step=9)
     with pytest.raises(ValueError, match="no self-attention"):
         PlugKitFeatureMap.execute(model=env["model"], pnp_source=env["source"], block=0, kind="self-attention")
+
+
+# ---- SDXL and long prompts -------------------------------------------------------------------
+
+def sdxl_conditioning(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, 77, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]]
+
+
+def test_sdxl_uses_its_block_mapping_and_adm_input(tiny_sdxl, pnp_env):
+    from tools.models import sample
+
+    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject, PlugKitPnPInvert
+
+    lat = pnp_env["latent"]
+    src, inv = PlugKitPnPInvert.execute(model=tiny_sdxl, samples={"samples": lat}, conditioning=sdxl_conditioning(1),
+                                        steps=4, inversion_steps=4).result
+    assert src.family == "SDXL" and sorted(src.model_kwargs) == ["c_crossattn", "y"]
+    pm = PlugKitPnPInject.execute(model=tiny_sdxl, pnp_source=src).result[0]
+    assert list(pm.object_patches) == ["diffusion_model.output_blocks.1.0"]
+    keys = sorted(pm.model_options["transformer_options"]["patches_replace"]["attn1"])
+    assert keys == [("output", 1, 0), ("output", 1, 1), ("output", 2, 0), ("output", 2, 1), ("output", 3, 0),
+                    ("output", 4, 0), ("output", 5, 0)]
+
+    def run(m):
+        return sample(m, inv["samples"], sdxl_conditioning(3), sdxl_conditioning(2), steps=4, sampler="ddim",
+                      scheduler="ddim_uniform", add_noise=False)
+
+    plain = run(tiny_sdxl)
+    assert torch.equal(run(PlugKitPnPInject.execute(model=tiny_sdxl, pnp_source=src, feature_injection=0.1,
+                                                    attention_injection=0.1).result[0]), plain)
+    assert (run(pm) - plain).abs().max() > 1e-3
+    # real family detection: an SD1.5 source on an SDXL model (and back) is refused, naming both
+    with pytest.raises(ValueError, match="SD15 model but 'model' is a SDXL model"):
+        PlugKitPnPInject.execute(model=tiny_sdxl, pnp_source=pnp_env["source"])
+    with pytest.raises(ValueError, match="SDXL model but 'model' is a SD15 model"):
+        PlugKitPnPInject.execute(model=pnp_env["model"], pnp_source=src)
+
+
+def test_long_target_prompt_and_control_padding(pnp_env):
+    from tools.models import random_conditioning
+
+    from plugkit.nodes.pnp import injection as inj
+
+    env = pnp_env
+    long_prompt = random_conditioning(tokens=154, seed=5)
+    out = _sample(_inject(env["model"], env), env, positive=long_prompt)
+    plain = _sample(env["model"], env, positive=long_prompt)
+    assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-3
+    ctrl = {"output": [torch.ones(2, 3, 4, 4), None], "middle": [torch.ones(2, 3, 2, 2)], "other": 7}
+    padded = inj._pad_control(ctrl, 1)
+    assert padded["output"][0].shape == (3, 3, 4, 4) and float(padded["output"][0][2].abs().sum()) == 0.0
+    assert padded["output"][1] is None and padded["other"] == 7 and ctrl["output"][0].shape[0] == 2
