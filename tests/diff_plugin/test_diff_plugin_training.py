@@ -1,0 +1,146 @@
+"""Training a Task-Plugin on a tiny in-process SD1.x model (32 channels; SCB of 32 channels)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from test_diff_plugin_host import StubClipVision, StubVAE
+
+
+def write_pairs(root, size=64, bad=False):
+    rng = np.random.default_rng(0)
+    (root / "input").mkdir(parents=True)
+    (root / "target").mkdir()
+    clean = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+    degraded = np.clip(clean.astype(int) + rng.integers(0, 80, clean.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(degraded).save(root / "input" / "a.png")
+    Image.fromarray(clean).save(root / "target" / "a.png")
+    if bad:
+        (root / "input" / "broken.png").write_bytes(b"not a png")
+        Image.fromarray(clean).save(root / "target" / "broken.png")
+        Image.fromarray(degraded[: size // 2]).save(root / "input" / "small.png")
+        Image.fromarray(clean).save(root / "target" / "small.png")
+        Image.fromarray(clean).save(root / "target" / "lonely.png")
+    return root
+
+
+@pytest.fixture
+def trainer_setup(comfy, tiny_model, tmp_path):
+    return tiny_model, StubClipVision(), StubVAE(), write_pairs(tmp_path / "data")
+
+
+def _train(setup, output, **kw):
+    from plugkit.nodes.diff_plugin.train_nodes import train_from_folder
+
+    model, cv, vae, data = setup
+    args = dict(name="tiny_derain", resolution=64, steps=4, batch_size=1, learning_rate=1e-3, save_every=2, seed=0)
+    args.update(kw)
+    return train_from_folder(model, cv, vae, str(data), output, **args)
+
+
+def test_loss_falls_and_saved_file_reloads(trainer_setup, tmp_path):
+    from plugkit.nodes.diff_plugin import plugin_files as pf
+    from plugkit.nodes.diff_plugin import plugin_training as pt
+    from plugkit.nodes.diff_plugin.train_nodes import alphas_cumprod, encode_pairs, make_eps_model
+
+    model, cv, vae, data = trainer_setup
+    pairs, _ = pt.find_pairs(data)
+    crops, _ = pt.read_pairs(pairs, 64)
+    encoded = encode_pairs(model, cv, vae, crops)
+    eps_model = make_eps_model(model)
+    alphas = alphas_cumprod(model)
+    assert alphas.shape == (1000,) and abs(float(alphas[0]) - (1 - 0.00085)) < 1e-5
+
+    def eval_loss(plugin):
+        with torch.no_grad():
+            return sum(float(pt.plugin_loss(plugin, eps_model, encoded, alphas, torch.Generator().manual_seed(s)))
+                       for s in range(4)) / 4
+
+    output = tmp_path / "p.safetensors"
+    torch.manual_seed(0)
+    from plugkit.nodes.diff_plugin.task_plugin import TaskPlugin
+
+    fresh = TaskPlugin("tiny_derain", scb_channels=32)
+    before = eval_loss(fresh)
+    result, report = _train(trainer_setup, output, steps=12, save_every=0, learning_rate=3e-3)
+    after = eval_loss(result.plugin)
+    assert after < before * 0.97, (before, after)
+    assert len(result.losses) == 12 and "trained 'tiny_derain'" in report
+    reloaded, meta = pf.load_plugin_safetensors(output)
+    assert meta["step"] == "12" and reloaded.scb.channels == 32
+    for k, v in result.plugin.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[k], v.cpu()), k
+    assert output.with_name(output.name + ".optim.pt").is_file()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_from_last_save(trainer_setup, tmp_path):
+    full, _ = _train(trainer_setup, tmp_path / "full.safetensors")
+
+    def kill_at_3(step, loss):
+        if step == 3:
+            raise Killed()
+
+    with pytest.raises(Killed):
+        _train(trainer_setup, tmp_path / "part.safetensors", on_step=kill_at_3)
+    from plugkit.nodes.diff_plugin import plugin_files as pf
+
+    _, meta = pf.load_plugin_safetensors(tmp_path / "part.safetensors")
+    assert meta["step"] == "2"  # the save before the kill survived, whole
+    resumed, _ = _train(trainer_setup, tmp_path / "part.safetensors")
+    assert resumed.start_step == 2 and resumed.end_step == 4 and len(resumed.losses) == 2
+    assert resumed.losses == full.losses[2:]
+    for k, v in full.plugin.state_dict().items():
+        torch.testing.assert_close(resumed.plugin.state_dict()[k], v, rtol=0, atol=1e-7)
+    restarted, _ = _train(trainer_setup, tmp_path / "part.safetensors", resume=False, steps=1)
+    assert restarted.start_step == 0
+
+
+def test_bad_pairs_are_skipped_and_reported(comfy, tiny_model, tmp_path):
+    data = write_pairs(tmp_path / "data", bad=True)
+    result, report = _train((tiny_model, StubClipVision(), StubVAE(), data), tmp_path / "b.safetensors", steps=1)
+    assert result.end_step == 1
+    assert "broken.png: unreadable" in report and "small.png: size" in report and "lonely.png: no degraded" in report
+    empty = tmp_path / "empty"
+    (empty / "input").mkdir(parents=True)
+    (empty / "gt").mkdir()
+    with pytest.raises(ValueError, match="PlugKitTrainTaskPlugin: input 'data_folder': no usable"):
+        _train((tiny_model, StubClipVision(), StubVAE(), empty), tmp_path / "c.safetensors", steps=1)
+    with pytest.raises(ValueError, match="input 'data_folder'.*sub-folders"):
+        _train((tiny_model, StubClipVision(), StubVAE(), tmp_path), tmp_path / "c.safetensors", steps=1)
+
+
+def test_node_and_cli(trainer_setup, tmp_path):
+    import folder_paths
+    from plugkit.nodes.diff_plugin.plugin_nodes import plugin_folders
+    from plugkit.nodes.diff_plugin.train_cli import main
+    from plugkit.nodes.diff_plugin.train_nodes import PlugKitTrainTaskPlugin
+
+    model, cv, vae, data = trainer_setup
+    out = tmp_path / "cli" / "mine.safetensors"
+    assert main(["--checkpoint", "unused", "--clip-vision", "unused", "--data", str(data), "--output", str(out),
+                 "--resolution", "64", "--steps", "2", "--save-every", "1", "--learning-rate", "1e-4"],
+                model=model, clip_vision=cv, vae=vae) == 0
+    assert out.is_file()
+
+    plugin_folders()
+    paths = folder_paths.folder_names_and_paths["diff_plugin"][0]
+    paths.insert(0, str(tmp_path / "models"))
+    try:
+        res = PlugKitTrainTaskPlugin.execute(model=model, clip_vision=cv, vae=vae, data_folder=str(data),
+                                             plugin_name="node_plugin", resolution=64, steps=1, save_every=0,
+                                             learning_rate=1e-4, seed=0, resume=True, start="noise")
+        handle, report = res.result
+        assert (tmp_path / "models" / "node_plugin.safetensors").is_file()
+        assert handle.plugin.start_from_noise and "steps 0 -> 1" in report
+        with pytest.raises(ValueError, match="input 'plugin_name'"):
+            PlugKitTrainTaskPlugin.execute(model=model, clip_vision=cv, vae=vae, data_folder=str(data),
+                                           plugin_name="../escape", steps=1)
+    finally:
+        paths.remove(str(tmp_path / "models"))
