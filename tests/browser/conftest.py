@@ -106,6 +106,11 @@ class Page:
                 f.write(f"{e.get('level')}\t{e.get('message')}\n")
         return entries
 
+    def script_errors(self) -> list[str]:
+        """Console errors raised from the pack's own scripts since the last collection."""
+        return [e["message"] for e in self.collect_console() if e.get("level") == "SEVERE"
+                and re.search(rf"/extensions/{PACK}/\S*\.js", e.get("message", ""))]
+
     def click(self, css: str):
         from selenium.webdriver.common.by import By
 

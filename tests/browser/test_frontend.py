@@ -31,6 +31,33 @@ def plugkit_nodes(server) -> dict[str, dict]:
     return {k: info[k] for k in sorted(ids)}
 
 
+def _get(server, path: str, timeout: float = 30):
+    """GET from the server; None when it does not answer in time (it may be busy computing)."""
+    import urllib.error
+
+    try:
+        return server.get(path, timeout=timeout)
+    except (TimeoutError, urllib.error.URLError, ConnectionError, OSError):
+        if server.proc is not None and server.proc.poll() is not None:
+            raise AssertionError(f"ComfyUI died:\n{server.log_text()[-4000:]}") from None
+        return None
+
+
+def wait_finished(server, prompt_id: str, timeout: float) -> dict:
+    """The history entry of a finished prompt; fails with the server's error if it failed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        entry = (_get(server, f"/history/{prompt_id}") or {}).get(prompt_id)
+        status = (entry or {}).get("status", {})
+        if status.get("completed") is not None:
+            if status.get("status_str") != "success":
+                msgs = json.dumps(status.get("messages", []), indent=1)[-4000:]
+                raise AssertionError(f"prompt {prompt_id} failed on the server: {msgs}")
+            return entry
+        time.sleep(1.0)
+    raise AssertionError(f"prompt {prompt_id} did not finish within {timeout}s")
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
@@ -118,20 +145,20 @@ def run_from_page(page, server, path: Path, name: str) -> dict:
     page.fit_view()
     page.shot(f"03_{name}_opened")
 
-    before = set(server.get("/history"))
+    before = set(_get(server, "/history", timeout=120) or ())
     page.click(".comfyui-queue-button button.p-splitbutton-button")  # the Run button
 
     def queued():
-        q = server.get("/queue")
+        q = _get(server, "/queue") or {}
         ids = [item[1] for item in q.get("queue_running", []) + q.get("queue_pending", [])]
-        ids += [k for k in server.get("/history") if k not in before]
+        ids += [k for k in (_get(server, "/history") or ()) if k not in before]
         return ids[0] if ids else None
 
     try:
-        prompt_id = page.wait_for(f"{name} to be queued", queued, timeout=60, interval=0.5)
+        prompt_id = page.wait_for(f"{name} to be queued", queued, timeout=180, interval=0.5)
     except AssertionError as e:
         raise AssertionError(f"{e}; open dialogs: {page.dialogs()}") from None
-    entry = server.wait(prompt_id, timeout=RUN_TIMEOUT)  # raises with the server's error
+    entry = wait_finished(server, prompt_id, RUN_TIMEOUT)
     images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     assert images, f"{name} finished but produced no image"
 
@@ -160,6 +187,8 @@ def run_from_page(page, server, path: Path, name: str) -> dict:
             assert got == want
     page.fit_view()
     page.shot(f"03_{name}_finished")
+    errors = page.script_errors()
+    assert not errors, f"{name}: browser console errors from the pack's scripts:\n" + "\n".join(errors)
     return entry
 
 
