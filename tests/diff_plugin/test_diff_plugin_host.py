@@ -259,3 +259,54 @@ def test_chain_runs_official_schedule(setup):
     assert out.shape == img.shape and torch.isfinite(out).all()
     same = PlugKitRunPluginChain.execute(model=m, plugins=[], clip_vision=cv, vae=vae, image=img).result[0]
     assert same is img
+
+
+def test_selector_node_picks_the_plugin_built_for_the_instruction(sd15_full, tmp_path):
+    """Plugins whose Fp max-pools to directions dual to the instructions' pooled text embeddings
+    (from the real SD text encoder): the selector must pick the matching one(s), in order."""
+    import folder_paths
+    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitPluginSelector, plugin_folders, pooled_text
+    from plugkit.nodes.diff_plugin.plugin_selector import PromptTuner
+
+    _, clip, _ = sd15_full
+    instructions = ["remove the rain", "remove the snow", "remove the haze"]
+    texts = torch.cat([pooled_text(clip, t) for t in instructions])  # [3, 768]
+    assert texts.shape == (3, 768)
+    null = pooled_text(clip, " ")
+    u = torch.cat([texts, null])
+    dual = torch.linalg.pinv(u).T  # <dual_i, u_j> = delta_ij
+    handles = []
+    for i, name in enumerate(["derain", "desnow", "dehaze"]):
+        h = make_handle(name, seed=i)
+        target = dual[i] - 0.2 * sum(dual[j] for j in range(3) if j != i)
+        with torch.no_grad():
+            h.plugin.tpb.visual_projection[6].weight.zero_()
+            h.plugin.tpb.visual_projection[6].bias.copy_(target)  # every token of Fp = target
+        handles.append(h)
+    tuner = PromptTuner()
+    with torch.no_grad():
+        for lin in (tuner.proj_v, tuner.proj_t):
+            lin.weight.copy_(torch.eye(768))
+            lin.bias.zero_()
+    (tmp_path / "plugin_selector").mkdir()
+    torch.save({"model": {"module." + k: v for k, v in tuner.state_dict().items()}},
+               tmp_path / "plugin_selector" / "PromptTunner.pt")
+    plugin_folders()
+    folder_paths.add_model_folder_path("diff_plugin", str(tmp_path))
+    try:
+        cv, img = StubClipVision(), image(size=64)
+        run_sel = lambda text: PlugKitPluginSelector.execute(  # noqa: E731
+            clip=clip, clip_vision=cv, image=img, instruction=text, selector_name="plugin_selector/PromptTunner.pt",
+            plugin_1=handles[0], plugin_2=handles[1], plugin_3=handles[2])
+        out = run_sel("remove the haze")
+        chosen, report = out.result
+        assert [h.name for h in chosen] == ["dehaze"]
+        assert "dehaze" in report and "derain" in report and "null" in report and "selected: dehaze" in report
+        assert out.ui is not None
+        chosen, _ = run_sel("remove the rain").result
+        assert [h.name for h in chosen] == ["derain"]
+        with pytest.raises(ValueError, match="PlugKitPluginSelector: connect at least one"):
+            PlugKitPluginSelector.execute(clip=clip, clip_vision=cv, image=img, instruction="x",
+                                          selector_name="plugin_selector/PromptTunner.pt")
+    finally:
+        folder_paths.folder_names_and_paths["diff_plugin"][0].remove(str(tmp_path))
