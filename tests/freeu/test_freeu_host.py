@@ -7,15 +7,28 @@ import pytest
 import torch
 
 TOL = 1e-5
-STEPS = 4
+STEPS = 3
 
 
-@pytest.fixture
-def env(comfy, tiny_model):
-    from tools.models import random_conditioning
+@pytest.fixture(scope="module")
+def env(comfy):
+    """(tiny SD1.x model, 16x16 latent, positive, negative), shared: nodes never modify the model."""
+    from tools.models import build_model, random_conditioning
 
     latent = torch.zeros(1, 4, 16, 16)
-    return tiny_model, latent, random_conditioning(seed=1), random_conditioning(seed=2)
+    return build_model(seed=0), latent, random_conditioning(seed=1), random_conditioning(seed=2)
+
+
+@pytest.fixture(scope="module")
+def memo():
+    """Results of runs several tests compare against (CPU sampling is deterministic)."""
+    return {}
+
+
+def cached(memo, key, fn):
+    if key not in memo:
+        memo[key] = fn()
+    return memo[key]
 
 
 def node():
@@ -46,20 +59,37 @@ def freeu_patch_of(m):
 
 
 # -- parity with core ------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(1, 4, 16, 16), (2, 4, 16, 24)], ids=["16x16", "batch2-16x24"])
-def test_v2_matches_core_freeu_v2(env, comfy_nodes, shape):
+def base_run(env, memo):
+    return cached(memo, "base", lambda: run(env, env[0]))
+
+
+def core_v2_run(env, memo, comfy_nodes):
+    core = comfy_nodes.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(env[0], 1.3, 1.4, 0.9, 0.2)[0]
+    return cached(memo, "core_v2", lambda: run(env, core))
+
+
+def ours_run(env, memo):
+    return cached(memo, "ours_v2", lambda: run(env, ours(env[0])))
+
+
+def test_v2_matches_core_freeu_v2(env, memo, comfy_nodes):
+    core = core_v2_run(env, memo, comfy_nodes)
+    assert (core - base_run(env, memo)).abs().max() > 1e-2  # FreeU really acts on this model
+    assert (ours_run(env, memo) - core).abs().max() <= TOL
+
+
+def test_v2_matches_core_on_non_square_latent(env, comfy_nodes):
     model = env[0]
-    latent = torch.randn(shape, generator=torch.Generator().manual_seed(3))
-    base = run(env, model, latent)
-    core = run(env, comfy_nodes.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(model, 1.3, 1.4, 0.9, 0.2)[0], latent)
-    mine = run(env, ours(model, version="v2"), latent)
-    assert (core - base).abs().max() > 1e-2  # FreeU really acts on this model
+    latent = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(3))
+    core = run(env, comfy_nodes.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(model, 1.5, 1.6, 0.9, 0.2)[0], latent)
+    mine = run(env, ours(model, 1.5, 1.6, 0.9, 0.2), latent)
     assert (mine - core).abs().max() <= TOL
+    assert torch.isfinite(mine).all() and mine.abs().max() > 0.1
 
 
-def test_v1_matches_core_freeu(env, comfy_nodes):
+def test_v1_matches_core_freeu(env, memo, comfy_nodes):
     model = env[0]
-    base = run(env, model)
+    base = base_run(env, memo)
     core = run(env, comfy_nodes.NODE_CLASS_MAPPINGS["FreeU"]().patch(model, 1.1, 1.2, 0.9, 0.2)[0])
     mine = run(env, ours(model, 1.1, 1.2, 0.9, 0.2, version="v1"))
     assert (core - base).abs().max() > 1e-2
@@ -75,11 +105,8 @@ def test_preset_matches_core_with_same_values(env, comfy_nodes):
     assert (auto.b1, auto.b2, auto.s1, auto.s2) == (1.5, 1.6, 0.9, 0.2)  # tiny model is an SD15 config
 
 
-def test_identity_factors_reproduce_unpatched_exactly(env):
-    model = env[0]
-    base = run(env, model)
-    for version in ("v2", "v1"):
-        assert torch.equal(run(env, ours(model, 1.0, 1.0, 1.0, 1.0, version=version)), base)
+def test_identity_factors_reproduce_unpatched_exactly(env, memo):
+    assert torch.equal(run(env, ours(env[0], 1.0, 1.0, 1.0, 1.0, version="v2")), base_run(env, memo))
 
 
 def test_stages_by_channel_count(env, monkeypatch):
@@ -100,6 +127,49 @@ def test_stages_by_channel_count(env, monkeypatch):
     assert {(c, b, s) for _, c, b, s in seen} == {(4 * mc, 1.3, 0.9), (2 * mc, 1.4, 0.2)}
 
 
+def tiny_sdxl():
+    """A tiny SDXL-structured U-Net (3 levels, linear transformers, context 2048, ADM) as ComfyUI's SDXL."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from tools.models import passthrough_init, random_init
+
+    cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+           "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+           "model_channels": 32, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 1, 1, 1, 1],
+           "channel_mult": [1, 2, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": True,
+           "context_dim": 2048, "num_head_channels": 32, "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
+           "use_temporal_attention": False, "use_temporal_resblock": False}
+    config = comfy.supported_models.SDXL(cfg)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    random_init(model.diffusion_model, 0)
+    passthrough_init(model.diffusion_model)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def test_sdxl_layout_matches_core_and_uses_sdxl_stages(comfy, comfy_nodes, monkeypatch):
+    from plugkit.nodes.freeu.freeu_patch import FreeUPatch
+    from tools.models import random_conditioning, sample
+
+    model = tiny_sdxl()
+    gen = torch.Generator().manual_seed(5)
+    pos = random_conditioning(dim=2048, seed=1, pooled_output=torch.randn(1, 1280, generator=gen))
+    neg = random_conditioning(dim=2048, seed=2, pooled_output=torch.randn(1, 1280, generator=gen))
+    latent = torch.zeros(1, 4, 16, 16)
+    core = sample(comfy_nodes.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(model, 1.3, 1.4, 0.9, 0.2)[0],
+                  latent, pos, neg, steps=2)
+    seen = set()
+    real = FreeUPatch._apply
+    monkeypatch.setattr(FreeUPatch, "_apply",
+                        lambda self, h, hsp, b, s, o: seen.add((o["block"][1], h.shape[1])) or real(self, h, hsp, b, s, o))
+    mine = sample(ours(model, preset="auto"), latent, pos, neg, steps=2)  # auto -> SDXL = 1.3/1.4/0.9/0.2
+    assert (mine - core).abs().max() <= TOL
+    # SDXL's decoder: 4 concats at 4x base channels (blocks 0-3), 3 at 2x (blocks 4-6).
+    assert sorted(seen) == [(i, 128) for i in range(4)] + [(i, 64) for i in range(4, 7)]
+
+
 # -- timestep range --------------------------------------------------------------------------------
 def test_range_gates_the_patch(env, monkeypatch):
     import comfy.samplers
@@ -112,7 +182,7 @@ def test_range_gates_the_patch(env, monkeypatch):
     monkeypatch.setattr(FreeUPatch, "_apply",
                         lambda self, h, hsp, b, s, o: applied.append(float(o["sigmas"][0])) or real(self, h, hsp, b, s, o))
     m = ours(model, start_percent=0.3, end_percent=0.7)
-    steps = 8
+    steps = 6
     run(env, m, steps=steps)
     ms = model.get_model_object("model_sampling")
     lo, hi = ms.percent_to_sigma(0.7), ms.percent_to_sigma(0.3)
@@ -121,16 +191,15 @@ def test_range_gates_the_patch(env, monkeypatch):
     assert 0 < len(inside) < len(schedule)
     assert {round(s, 4) for s in applied} == {round(s, 4) for s in inside}
     assert len(applied) == len(inside) * 10  # 10 FreeU concats per step (cond+uncond batched)
-    patch = freeu_patch_of(m)  # per-run state was reset
-    assert (patch.sigma_start, patch.sigma_end, patch.suppressed) == (hi, lo, False) or patch.sigma_start == pytest.approx(hi)
+    patch = freeu_patch_of(m)  # per-run state reset to the node's own values
+    assert patch.sigma_start == pytest.approx(hi) and patch.sigma_end == pytest.approx(lo)
+    assert patch._seen_sigmas is None and patch.suppressed is False
 
 
-def test_range_outside_every_step_is_the_plain_model(env):
-    model = env[0]
-    base = run(env, model)
-    assert torch.equal(run(env, ours(model, start_percent=1.0, end_percent=1.0)), base)
-    full = run(env, ours(model, start_percent=0.0, end_percent=1.0))
-    assert (full - base).abs().max() > 1e-2
+def test_range_outside_every_step_is_the_plain_model(env, memo):
+    base = base_run(env, memo)
+    assert torch.equal(run(env, ours(env[0], start_percent=1.0, end_percent=1.0)), base)
+    assert (ours_run(env, memo) - base).abs().max() > 1e-2
 
 
 def test_range_follows_model_sampling_applied_later(env, comfy_nodes, monkeypatch):
@@ -155,7 +224,7 @@ def test_start_after_end_is_a_clear_error(env):
 
 
 # -- cond / uncond ---------------------------------------------------------------------------------
-def test_apply_to_cond_or_uncond(env):
+def test_apply_to_cond_or_uncond(env, memo):
     model = env[0]
     # cfg == 1: ComfyUI runs only the cond pass.
     base1 = run(env, model, cfg=1.0)
@@ -163,8 +232,9 @@ def test_apply_to_cond_or_uncond(env):
     assert torch.equal(run(env, ours(model, apply_to="uncond"), cfg=1.0), base1)
     assert torch.equal(run(env, ours(model, apply_to="cond"), cfg=1.0), both1)
     # cfg > 1: cond-only and uncond-only differ from each other, from both and from none.
-    outs = {a: run(env, ours(model, apply_to=a)) for a in ("both", "cond", "uncond")}
-    outs["none"] = run(env, model)
+    outs = {a: run(env, ours(model, apply_to=a)) for a in ("cond", "uncond")}
+    outs["both"] = ours_run(env, memo)
+    outs["none"] = base_run(env, memo)
     names = list(outs)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
@@ -172,34 +242,34 @@ def test_apply_to_cond_or_uncond(env):
 
 
 # -- chaining --------------------------------------------------------------------------------------
-def test_second_plugkit_freeu_replaces_the_first(env, caplog):
+def test_second_plugkit_freeu_replaces_the_first(env, memo, caplog):
     model = env[0]
     with caplog.at_level(logging.WARNING):
         chained = ours(ours(model, 1.1, 1.2, 0.5, 0.5), 1.3, 1.4, 0.9, 0.2)
     assert any("replaced" in r.getMessage() for r in caplog.records)
     assert len(output_patches(chained)) == 1
     assert len(chained.get_wrappers("outer_sample", "plugkit_freeu")) == 1
-    assert torch.equal(run(env, chained), run(env, ours(model)))
+    assert torch.equal(run(env, chained), ours_run(env, memo))
     assert output_patches(model) == []  # the input model is never modified
 
 
-def test_plugkit_after_core_freeu_replaces_it(env, comfy_nodes, caplog):
+def test_plugkit_after_core_freeu_replaces_it(env, memo, comfy_nodes, caplog):
     model = env[0]
     core = comfy_nodes.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(model, 1.1, 1.2, 0.5, 0.5)[0]
     with caplog.at_level(logging.WARNING):
         chained = ours(core)
     assert any("core FreeU_V2" in r.getMessage() for r in caplog.records)
-    assert torch.equal(run(env, chained), run(env, ours(model)))
+    assert torch.equal(run(env, chained), ours_run(env, memo))
 
 
-def test_core_freeu_after_plugkit_wins(env, comfy_nodes, caplog):
+def test_core_freeu_after_plugkit_wins(env, memo, comfy_nodes, caplog):
     model = env[0]
     core_node = comfy_nodes.NODE_CLASS_MAPPINGS["FreeU_V2"]()
     chained = core_node.patch(ours(model, 1.1, 1.2, 0.5, 0.5), 1.3, 1.4, 0.9, 0.2)[0]
     with caplog.at_level(logging.WARNING):
         out = run(env, chained)
     assert any("core FreeU" in r.getMessage() and "off for this run" in r.getMessage() for r in caplog.records)
-    assert torch.equal(out, run(env, core_node.patch(model, 1.3, 1.4, 0.9, 0.2)[0]))
+    assert torch.equal(out, core_v2_run(env, memo, comfy_nodes))
     assert freeu_patch_of(chained).suppressed is False  # reset after the run
 
 
