@@ -145,14 +145,22 @@ def run_from_page(page, server, path: Path, name: str) -> dict:
     page.fit_view()
     page.shot(f"03_{name}_opened")
 
-    before = set(_get(server, "/history", timeout=120) or ())
+    def queue_ids():
+        q = _get(server, "/queue") or {}
+        return [item[1] for item in q.get("queue_running", []) + q.get("queue_pending", [])]
+
+    history = None
+    for _ in range(10):
+        history = _get(server, "/history", timeout=60)
+        if history is not None:
+            break
+    assert history is not None, "the server did not answer GET /history"
+    before = set(history) | set(queue_ids())
     page.click(".comfyui-queue-button button.p-splitbutton-button")  # the Run button
 
-    def queued():
-        q = _get(server, "/queue") or {}
-        ids = [item[1] for item in q.get("queue_running", []) + q.get("queue_pending", [])]
-        ids += [k for k in (_get(server, "/history") or ()) if k not in before]
-        return ids[0] if ids else None
+    def queued():  # the prompt this click queued: one the server did not know before
+        ids = queue_ids() + list(_get(server, "/history") or ())
+        return next((i for i in ids if i not in before), None)
 
     try:
         prompt_id = page.wait_for(f"{name} to be queued", queued, timeout=180, interval=0.5)
