@@ -186,8 +186,8 @@ def run_from_page(page, server, path: Path, name: str) -> dict:
                 "const n = app.graph.getNodeById(Number(arguments[0]));"
                 "return !!n && ((n.imgs && n.imgs.length > 0)"
                 " || !!app.nodeOutputs?.[String(arguments[0])]?.images?.length)", node_id), timeout=60)
-        if out.get("text") and page.js("return app.graph.getNodeById(Number(arguments[0]))?.type",
-                                       node_id).startswith("PlugKit"):
+        node_type = page.js("return app.graph.getNodeById(Number(arguments[0]))?.type ?? ''", node_id)
+        if out.get("text") and node_type.startswith("PlugKit"):
             want = "\n".join(str(t) for t in out["text"])
             got = page.wait_for(f"node {node_id} to show its text", lambda: page.js(
                 "return app.graph.getNodeById(Number(arguments[0]))"
