@@ -7,7 +7,12 @@ features, which isolates the patch's own cost from U-Net noise.
 """
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
+
+log = logging.getLogger("plugkit.bench.freeu")
 
 LATENT = (1, 4, 64, 64)
 B1, B2, S1, S2 = 1.3, 1.4, 0.9, 0.2
@@ -40,24 +45,10 @@ def run(ctx) -> str:
     pos, neg = random_conditioning(seed=1), random_conditioning(seed=2)
     latent = torch.zeros(LATENT)
 
-    core = comfy_nodes.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(model, B1, B2, S1, S2)[0]
-    ours = PlugKitFreeU.execute(model=model, b1=B1, b2=B2, s1=S1, s2=S2).result[0]
-    # A one-step run samples at sigma_max (0% progress): start_percent 0.5 excludes that step.
-    excluded = PlugKitFreeU.execute(model=model, b1=B1, b2=B2, s1=S1, s2=S2, start_percent=0.5).result[0]
-    cases_models = {"unpatched": model, "core FreeU_V2": core, "PlugKitFreeU": ours,
-                    "PlugKitFreeU, step outside range": excluded}
-
-    def step(m):
-        return lambda: sample(m, latent, pos, neg, steps=1, cfg=5.0, seed=0)
-
-    cases = {name: step(m) for name, m in cases_models.items()}
-    times = ctx.alternate(cases)
-    medians = [(name, ctx.median(ts)) for name, ts in times.items()]
-    peaks = {name: ctx.peak_memory(fn) for name, fn in cases.items()}
-
     # The patch alone over one forward's 12 concats (batch 2, as with CFG).
     from plugkit.nodes.freeu.freeu_patch import FreeUPatch
 
+    core = comfy_nodes.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(model, B1, B2, S1, S2)[0]
     core_patch = core.model_options["transformer_options"]["patches"]["output_block_patch"][0]
     our_patch = FreeUPatch(320, B1, B2, S1, S2)
     feats = [(h.to(device), hsp.to(device)) for h, hsp in _sd15_decoder_features(2, LATENT[-1])]
@@ -79,6 +70,26 @@ def run(ctx) -> str:
     micro_med = {name: ctx.median(ts) for name, ts in micro.items()}
     base_clone = micro_med["clone only"]
     micro_rows = [(name, max(v - base_clone, 0.0) * 1000) for name, v in micro_med.items() if name != "clone only"]
+
+    log.info("freeu bench: patch only (ms per forward): %s", micro_rows)
+
+    ours = PlugKitFreeU.execute(model=model, b1=B1, b2=B2, s1=S1, s2=S2).result[0]
+    # A one-step run samples at sigma_max (0% progress): start_percent 0.5 excludes that step.
+    excluded = PlugKitFreeU.execute(model=model, b1=B1, b2=B2, s1=S1, s2=S2, start_percent=0.5).result[0]
+    cases_models = {"unpatched": model, "core FreeU_V2": core, "PlugKitFreeU": ours,
+                    "PlugKitFreeU, step outside range": excluded}
+
+    def step(name, m):
+        def fn():
+            t0 = time.perf_counter()
+            sample(m, latent, pos, neg, steps=1, cfg=5.0, seed=0)
+            log.info("freeu bench: %s step %.2fs", name, time.perf_counter() - t0)
+        return fn
+
+    cases = {name: step(name, m) for name, m in cases_models.items()}
+    times = ctx.alternate(cases)
+    medians = [(name, ctx.median(ts)) for name, ts in times.items()]
+    peaks = {name: ctx.peak_memory(fn) for name, fn in cases.items()}
 
     lines = [
         "## FreeU",
