@@ -36,6 +36,7 @@ CLIP_VISION_NAME = "plugkit_random_clip_vit_l14.safetensors"
 TASKS = ("derain", "desnow", "dehaze")
 SELECTOR = "plugin_selector/PromptTunner.pt"
 STEPS = 20  # the official inference steps (UniPC); 64x64 px keeps this fast on CPU
+CHAIN_STEPS = 6  # the chain's first plugin (official 20): fewer, as the end-to-end tests run on CPU
 MODELS_VERSION = "1"
 
 # The released SCB config (pre-trained/derain/scb/config.json, diffusers 0.17.1).
@@ -259,8 +260,9 @@ def build_selector(info: dict):
     sel = wf.add("PlugKitPluginSelector", clip=ckpt[1], clip_vision=cv[0], image=img[0],
                  instruction="remove the rain and the haze", selector_name=SELECTOR, rule="official (score > 0)",
                  **{f"plugin_{i + 1}": loader[0] for i, loader in enumerate(loaders)})
-    chain = wf.add("PlugKitRunPluginChain", model=ckpt[0], plugins=sel[0], clip_vision=cv[0], vae=ckpt[2],
-                   image=img[0], seed=42, steps=STEPS, later_steps=3, sampler_name="uni_pc_bh2", scheduler="normal")
+    chain = wf.add("PlugKitRunPluginChain", title="Run Plugin Chain (official: steps 20, later 3)", model=ckpt[0], plugins=sel[0], clip_vision=cv[0], vae=ckpt[2],
+                   image=img[0], seed=42, steps=CHAIN_STEPS, later_steps=3, sampler_name="uni_pc_bh2",
+                   scheduler="normal")
     wf.add("SaveImage", title="Result of the selected plugins", images=chain[0],
            filename_prefix="plugkit_diffplugin_selector")
     return wf

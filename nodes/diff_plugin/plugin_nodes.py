@@ -78,7 +78,7 @@ def scan_folder() -> tuple[list[str], list[str]]:
                         plugins.add(rel_file)
                     elif kind == "selector":
                         selectors.add(rel_file)
-                elif name.endswith(".pt") and name != "tpb.pt":
+                elif name.endswith(".pt") and name != "tpb.pt" and not name.endswith(".optim.pt"):
                     selectors.add(rel_file)
     return sorted(plugins), sorted(selectors)
 

@@ -219,10 +219,11 @@ def test_loader_finds_released_and_safetensors_plugins(comfy, tmp_path):
         pf.save_plugin(TaskPlugin("mine"), tmp_path / "mine.safetensors")
         (tmp_path / "pre-trained" / "plugin_selector").mkdir()
         torch.save({"model": PromptTuner().state_dict()}, tmp_path / "pre-trained" / "plugin_selector" / "PromptTunner.pt")
+        (tmp_path / "mine.safetensors.optim.pt").write_bytes(b"optimizer state, not a selector")
         plugins, selectors = scan_folder()
         assert "pre-trained/desnow" in plugins and "mine.safetensors" in plugins
-        assert selectors == ["pre-trained/plugin_selector/PromptTunner.pt"] or \
-            "pre-trained/plugin_selector/PromptTunner.pt" in selectors
+        assert "pre-trained/plugin_selector/PromptTunner.pt" in selectors
+        assert not any(s.endswith(".optim.pt") for s in selectors)
         schema = PlugKitTaskPluginLoader.define_schema()
         assert "pre-trained/desnow" in schema.inputs[0].options
         handle = PlugKitTaskPluginLoader.execute(plugin_name="pre-trained/desnow").result[0]
