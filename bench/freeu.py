@@ -66,7 +66,7 @@ def run(ctx) -> str:
             h.clone()
 
     micro = ctx.alternate({"clone only": clones_only, "core FreeU_V2 patch": forward_of(core_patch),
-                           "PlugKitFreeU patch": forward_of(our_patch)}, repeats=max(ctx.repeats, 30))
+                           "PlugKitFreeU patch": forward_of(our_patch)}, repeats=ctx.repeats * 6)
     micro_med = {name: ctx.median(ts) for name, ts in micro.items()}
     base_clone = micro_med["clone only"]
     micro_rows = [(name, max(v - base_clone, 0.0) * 1000) for name, v in micro_med.items() if name != "clone only"]
