@@ -223,6 +223,31 @@ def test_missing_node_is_detected(page, server, any_workflow, tmp_path):
     page.close_dialogs()
 
 
+def test_text_output_shown_on_node_and_never_saved(page, server):
+    """js/plugkit.js: a PlugKit node's ui text output (PreviewText) appears on the node, and is
+    neither saved in the workflow nor sent to the server."""
+    node_type = "PlugKitPluginSelector" if "PlugKitPluginSelector" in plugkit_nodes(server) \
+        else next(iter(plugkit_nodes(server)))
+    page.close_dialogs()
+    res = page.ajs("""
+        const n = LiteGraph.createNode(args[0]); app.graph.add(n);
+        const before = JSON.stringify(n.serialize().widgets_values ?? []);
+        n.onExecuted({text: ['derain 0.91\\ndesnow 0.12']});
+        const w = n.widgets.find(w => w.name === 'plugkit_text');
+        const after = JSON.stringify(n.serialize().widgets_values ?? []);
+        const prompt = await app.graphToPrompt();
+        const inputs = prompt.output[String(n.id)]?.inputs ?? {};
+        app.graph.setDirtyCanvas(true, true);
+        return {value: w?.value ?? null, before, after, sent: Object.keys(inputs),
+                shown: !!document.querySelector('textarea[data-plugkit=text-output]')};
+    """, node_type)
+    page.shot("03_text_output_on_node")
+    assert res["value"] == "derain 0.91\ndesnow 0.12", res
+    assert res["shown"], res
+    assert res["before"] == res["after"], res
+    assert "plugkit_text" not in res["sent"], res
+
+
 # --------------------------------------------------------------------------------------------
 # 4. the help page of every PlugKit node renders its js/docs/<NodeId>.md
 # --------------------------------------------------------------------------------------------
