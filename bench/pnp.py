@@ -1,5 +1,9 @@
 """Plug-and-Play benchmark: full-size SD1.5 U-Net (random weights), 64x64 latent, CPU, one run.
 
+Environment: ``PLUGKIT_PNP_BENCH_SIZE`` (px, default 512 = 64x64 latent; a 512 px run needs a few
+hundred full U-Net evaluations, i.e. hours on a busy 2-core CPU) and ``PLUGKIT_PNP_BENCH_INVERSION``
+(inversion step counts of table (d), default ``5,10,20,40``).
+
 (a) PnP sampling time / plain CFG sampling time, same sampler, scheduler and steps (default windows
     0.8 / 0.5: the source branch adds one batch entry to two during 80% of the steps);
 (b) inversion time per step / plain CFG sampling time per step;
@@ -11,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -18,8 +23,8 @@ import torch
 log = logging.getLogger(__name__)
 
 STEPS = 5  # ddim_uniform: 5 steps; feature window int(5*0.8) = 4 steps, attention int(5*0.5) = 2
-SIZE = 512  # px -> 64x64 latent
-INVERSION_STEPS = (5, 10, 20, 40)
+SIZE = int(os.environ.get("PLUGKIT_PNP_BENCH_SIZE", 512))  # px; 512 -> the issue's 64x64 latent
+INVERSION_STEPS = tuple(int(v) for v in os.environ.get("PLUGKIT_PNP_BENCH_INVERSION", "5,10,20,40").split(","))
 
 
 def _source_latent(vae) -> torch.Tensor:
