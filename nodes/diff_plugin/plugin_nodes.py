@@ -105,13 +105,19 @@ def _options(kind: int) -> list[str]:
 
 # --- applying a plugin --------------------------------------------------------------------------
 
-def encode_task_prompt(handle, clip_vision, image: torch.Tensor) -> torch.Tensor:
-    """Fp [B, 256, 768] for the image: CLIP ViT-L/14 last hidden states (224 crop) through the TPB."""
+def clip_hidden_states(clip_vision, image: torch.Tensor) -> torch.Tensor:
+    """CLIP ViT-L/14 last-layer hidden states (before the post-layernorm) of the 224 centre crop."""
+    return clip_vision.encode_image(image, crop=True)["last_hidden_state"].float()
+
+
+def encode_task_prompt(handle, clip_vision, image: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Fp [B, 256, 768] for the image: CLIP vision hidden states (computed here unless given) through the TPB."""
     import comfy.model_management
 
-    encoded = clip_vision.encode_image(image, crop=True)
+    if hidden is None:
+        hidden = clip_hidden_states(clip_vision, image)
     with torch.no_grad():
-        fp = handle.plugin.task_prompt(encoded["last_hidden_state"].float())
+        fp = handle.plugin.task_prompt(hidden)
     return fp.to(comfy.model_management.intermediate_device(), torch.float32)
 
 
@@ -274,7 +280,8 @@ class PlugKitPluginSelector(io.ComfyNode):
             raise ValueError(f"{node}: input 'selector_name': {exc}") from exc
         text = pooled_text(clip, instruction)
         null = pooled_text(clip, " ")
-        prompts = [encode_task_prompt(h, clip_vision, image[:1])[0] for h in handles]
+        hidden = clip_hidden_states(clip_vision, image[:1])  # one CLIP pass serves every candidate's TPB
+        prompts = [encode_task_prompt(h, clip_vision, image[:1], hidden)[0] for h in handles]
         selection = select_plugins(tuner, text, null, prompts, [h.name for h in handles], rule)
         chosen = [handles[i] for i in selection.selected]
         report = selection.report()

@@ -23,14 +23,16 @@ def diff_plugin_server(sd15_checkpoint, tmp_path_factory):
         yield server
 
 
-@pytest.mark.parametrize("name", ["diff_plugin_derain.json", "diff_plugin_selector.json"])
+# The selector workflow (diff_plugin_selector.json) is run by tests/e2e with every shipped workflow; its
+# nodes are covered in-process by test_diff_plugin_host.py. Here: the single-plugin graph.
+@pytest.mark.parametrize("name", ["diff_plugin_derain.json"])
 def test_diff_plugin_workflow_runs(diff_plugin_server, name):
     from tools.workflow import ui_to_api
 
     server = diff_plugin_server
     info = server.object_info()
-    assert "derain" in info["PlugKitTaskPluginLoader"]["input"]["required"]["plugin_name"][1]["options"] or \
-        "derain" in info["PlugKitTaskPluginLoader"]["input"]["required"]["plugin_name"][0]
+    spec = info["PlugKitTaskPluginLoader"]["input"]["required"]["plugin_name"]
+    assert "derain" in (spec[1].get("options") or spec[0]), spec  # the released-layout folder is listed
     ui = json.loads((REPO / "workflows" / name).read_text())
     entry = server.run(ui_to_api(ui, info))
     files = server.output_files(entry)
@@ -38,6 +40,3 @@ def test_diff_plugin_workflow_runs(diff_plugin_server, name):
     for f in files:
         img = np.asarray(Image.open(f))
         assert img.shape[:2] == (64, 64) and np.isfinite(img).all()
-    if name == "diff_plugin_selector.json":
-        texts = [o.get("text") for o in entry["outputs"].values() if o.get("text")]
-        assert texts and "null" in texts[0][0] and "derain" in texts[0][0]

@@ -1,7 +1,6 @@
 """Diff-Plugin files: the released layout loads strictly; bad files give clear errors. No ComfyUI."""
 from __future__ import annotations
 
-import json
 import pickle
 
 import pytest
