@@ -162,7 +162,10 @@ class ComfyServer:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise ServerError(f"ComfyUI died while running {prompt_id}:\n{self.log_text()[-4000:]}")
-            hist = self.get(f"/history/{prompt_id}")
+            try:
+                hist = self.get(f"/history/{prompt_id}", timeout=60)
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError):
+                continue  # a busy server may answer slowly; only the overall deadline counts
             entry = hist.get(prompt_id)
             if entry and entry.get("status", {}).get("completed") is not None:
                 status = entry["status"]
