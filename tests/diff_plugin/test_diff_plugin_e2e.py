@@ -4,10 +4,15 @@ run in tests/e2e with every other workflow; here: the server finds the released 
 from __future__ import annotations
 
 
+def _choices(spec: list) -> list:
+    """A COMBO's choices from object_info: V3 puts them in the options, V1 as the type itself."""
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return opts.get("options") or (spec[0] if isinstance(spec[0], list) else [])
+
+
 def test_released_layout_is_listed_by_the_server(server):
     info = server.object_info()
     spec = info["PlugKitTaskPluginLoader"]["input"]["required"]["plugin_name"]
-    options = spec[1].get("options") or spec[0]
-    assert "derain" in options, spec  # the released-layout folder (scb/ + tpb.pt) is listed
+    assert "derain" in _choices(spec), spec  # the released-layout folder (scb/ + tpb.pt) is listed
     clip_spec = info["CLIPVisionLoader"]["input"]["required"]["clip_name"]
-    assert clip_spec[1].get("options") or clip_spec[0], "no CLIP vision model is visible to the server"
+    assert _choices(clip_spec), "no CLIP vision model is visible to the server"
