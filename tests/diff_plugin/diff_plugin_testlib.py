@@ -7,17 +7,8 @@ from pathlib import Path
 
 import torch
 
-# The SCB config.json as released (pre-trained/derain/scb/config.json, diffusers 0.17.1).
-RELEASED_SCB_CONFIG = {
-    "_class_name": "SCBNet", "_diffusers_version": "0.17.1", "act_fn": "silu", "attention_head_dim": 8,
-    "block_out_channels": [320], "class_embed_type": None, "conditioning_embedding_out_channels": [16, 32, 96, 256],
-    "controlnet_conditioning_channel_order": "rgb", "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D"], "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0,
-    "global_pool_conditions": False, "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05, "norm_num_groups": 32, "num_class_embeds": None, "only_cross_attention": False,
-    "projection_class_embeddings_input_dim": None, "resnet_time_scale_shift": "default", "upcast_attention": False,
-    "use_linear_projection": False,
-}
+# The SCB config.json as released: one copy, shared with the workflow model generator.
+from tools.workflows_diff_plugin import RELEASED_SCB_CONFIG  # noqa: E402,F401
 
 
 def random_state(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
