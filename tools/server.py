@@ -187,3 +187,15 @@ class ComfyServer:
                 folder = {"output": "output", "temp": "temp", "input": "input"}[img.get("type", "output")]
                 files.append(self.base / folder / img.get("subfolder", "") / img["filename"])
         return files
+
+
+def generator_object_info(name: str, model_files: dict[str, Path] | None = None) -> dict:
+    """``/object_info`` of a server with the pack and the random SD1.5 checkpoint, for the
+    workflow generators (tools/workflows_*.py), which lay widgets out from it."""
+    from .host import cache_dir
+    from .models import CHECKPOINT_NAME, ensure_random_sd15_checkpoint
+
+    base = cache_dir() / f"workflows_{name}_base"
+    with ComfyServer(base, checkpoints={CHECKPOINT_NAME: ensure_random_sd15_checkpoint()},
+                     model_files=model_files) as server:
+        return server.object_info()

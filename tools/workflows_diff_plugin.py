@@ -270,14 +270,10 @@ def build_selector(info: dict):
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from .models import CHECKPOINT_NAME, ensure_random_sd15_checkpoint
-    from .server import ComfyServer
+    from .server import generator_object_info
 
     write_images()
-    files = prepare_models()
-    base = cache_dir() / "workflows_diff_plugin_base"
-    with ComfyServer(base, checkpoints={CHECKPOINT_NAME: ensure_random_sd15_checkpoint()}, model_files=files) as server:
-        info = server.object_info()
+    info = generator_object_info("diff_plugin", model_files=prepare_models())
     for name, build in ((DERAIN_WORKFLOW, build_derain), (SELECTOR_WORKFLOW, build_selector)):
         path = build(info).save(REPO / "workflows" / name)
         log.info("wrote %s", path)

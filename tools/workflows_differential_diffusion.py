@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .host import REPO, cache_dir
+from .host import REPO
 
 log = logging.getLogger("plugkit.workflows.differential_diffusion")
 
@@ -113,13 +113,10 @@ def write_images() -> None:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from .models import CHECKPOINT_NAME, ensure_random_sd15_checkpoint
-    from .server import ComfyServer
+    from .server import generator_object_info
 
     write_images()
-    base = cache_dir() / "workflows_differential_diffusion_base"
-    with ComfyServer(base, checkpoints={CHECKPOINT_NAME: ensure_random_sd15_checkpoint()}) as server:
-        info = server.object_info()
+    info = generator_object_info("differential_diffusion")
     path = build(info).save(REPO / "workflows" / WORKFLOW)
     log.info("wrote %s", path)
     return 0

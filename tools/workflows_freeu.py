@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .host import REPO, cache_dir
-from .models import CHECKPOINT_NAME, ensure_random_sd15_checkpoint
-from .server import ComfyServer
+from .host import REPO
+from .models import CHECKPOINT_NAME
+from .server import generator_object_info
 from .workflow import Workflow
 
 log = logging.getLogger("plugkit.workflows_freeu")
@@ -69,10 +69,8 @@ def write(info: dict, directory: Path = REPO / "workflows") -> list[Path]:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ckpt = ensure_random_sd15_checkpoint()
-    with ComfyServer(cache_dir() / "workflows_freeu_base", checkpoints={CHECKPOINT_NAME: ckpt}) as server:
-        for path in write(server.object_info()):
-            log.info("wrote %s", path.relative_to(REPO))
+    for path in write(generator_object_info("freeu")):
+        log.info("wrote %s", path.relative_to(REPO))
     return 0
 
 

@@ -14,7 +14,7 @@ import logging
 
 from PIL import Image, ImageDraw
 
-from .host import REPO, cache_dir
+from .host import REPO
 
 log = logging.getLogger("plugkit.workflows.pnp")
 
@@ -75,13 +75,10 @@ def write_images() -> None:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from .models import CHECKPOINT_NAME, ensure_random_sd15_checkpoint
-    from .server import ComfyServer
+    from .server import generator_object_info
 
     write_images()
-    base = cache_dir() / "workflows_pnp_base"
-    with ComfyServer(base, checkpoints={CHECKPOINT_NAME: ensure_random_sd15_checkpoint()}) as server:
-        info = server.object_info()
+    info = generator_object_info("pnp")
     path = build(info).save(REPO / "workflows" / WORKFLOW)
     log.info("wrote %s", path)
     return 0
