@@ -90,7 +90,9 @@ def passthrough_init(unet: torch.nn.Module, perturbation: float = PERTURBATION) 
     skip conv picks them up; the final GroupNorm is shifted into SiLU's linear range and the output
     conv undoes the shift. Every other path into the output is scaled by ``perturbation``.
     """
-    c_in = unet.in_channels
+    # Inpainting U-Nets take [latent, mask, masked image] (9 channels) and predict 4: only the latent
+    # (the first channels of the concatenation) is passed through.
+    c_in = min(unet.in_channels, unet.out_channels)
     mc = unet.model_channels
     conv_in = unet.input_blocks[0][0]
     conv_in.weight[:c_in] = 0
@@ -138,6 +140,48 @@ def build_model(unet_config: dict | None = None, seed: int = 0, dtype=torch.floa
     load_device = comfy.model_management.get_torch_device()
     offload = comfy.model_management.unet_offload_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload)
+
+
+def build_vae(seed: int = 0, channels: int = 32):
+    """A real ComfyUI ``comfy.sd.VAE`` with SD's KL autoencoder layout (8x down, 4 latent channels) but
+    ``channels`` base channels: fast enough for host tests that encode and decode."""
+    import comfy.ldm.models.autoencoder
+    import comfy.sd
+
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                "ch": channels, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [],
+                "dropout": 0.0}
+    module = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    random_init(module, seed)
+    sd = {k: v.clone() for k, v in module.state_dict().items()}
+    return comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
+
+
+def build_clip_vision(seed: int = 0, layers: int = 2, intermediate: int = 256, directory: Path | None = None):
+    """A real ComfyUI ``ClipVisionModel`` shaped like CLIP ViT-L/14 where it shows (224 px, 14 px
+    patches, 257 tokens of width 1024) but with ``layers`` narrow encoder layers."""
+    import json
+
+    import comfy.clip_vision
+
+    from .host import cache_dir
+
+    config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 1024,
+              "image_size": 224, "initializer_factor": 1.0, "initializer_range": 0.02,
+              "intermediate_size": intermediate, "layer_norm_eps": 1e-05, "model_type": "clip_vision_model",
+              "num_attention_heads": 16, "num_channels": 3, "num_hidden_layers": layers, "patch_size": 14,
+              "projection_dim": 768}
+    directory = Path(directory or cache_dir() / "models")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"tiny_clip_vision_{layers}x{intermediate}.json"
+    text = json.dumps(config, indent=2)
+    if not path.is_file() or path.read_text() != text:
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    cv = comfy.clip_vision.ClipVisionModel(str(path))
+    random_init(cv.model, seed)
+    return cv
 
 
 def random_conditioning(batch: int = 1, tokens: int = 77, dim: int = 768, seed: int = 0, **extra):
