@@ -1,45 +1,15 @@
 """Diff-Plugin in a real ComfyUI (in-process, CPU, tiny SD1.x U-Net with 32 base channels, so the
 plugins here have a 32-channel SCB; the TPB and the SCB's structure are the released ones).
 
-CLIP vision and the VAE are small stand-ins with the same interface (encode_image / encode /
-decode): these tests are about the plugin plumbing; tests/e2e runs the real loaders."""
+CLIP vision and the VAE are real ComfyUI objects (``comfy.clip_vision.ClipVisionModel`` shaped like
+ViT-L/14 with 2 layers, ``comfy.sd.VAE`` with SD's layout and 32 channels, from tools.models), built
+once per module; tests/e2e runs the real loaders on full-size files."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from diff_plugin_testlib import random_state, write_released_plugin
-
-
-class StubClipVision:
-    """CLIP ViT-L/14-shaped output: last_hidden_state [B, 257, 1024], depending on the image."""
-
-    def __init__(self, seed: int = 0):
-        gen = torch.Generator().manual_seed(seed)
-        self.basis = torch.randn(3, 257, 1024, generator=gen)
-
-    def encode_image(self, image, crop=True):
-        colour = image[..., :3].mean(dim=(1, 2))  # [B, 3]
-        return {"last_hidden_state": torch.einsum("bc,ctd->btd", colour, self.basis)}
-
-
-class StubVAE:
-    """8x downsampling 'VAE' with a fixed channel mix; decode is its rough inverse."""
-
-    def __init__(self):
-        gen = torch.Generator().manual_seed(1)
-        self.mix = torch.randn(4, 3, generator=gen)
-        self.encode_calls = 0
-
-    def encode(self, pixels):
-        self.encode_calls += 1
-        x = torch.nn.functional.avg_pool2d(pixels[..., :3].movedim(-1, 1), 8)
-        return torch.einsum("oc,bchw->bohw", self.mix, x * 2 - 1) * 3
-
-    def decode(self, latent):
-        x = torch.einsum("co,bohw->bchw", torch.linalg.pinv(self.mix), latent / 3)
-        x = torch.nn.functional.interpolate(x, scale_factor=8, mode="nearest")
-        return ((x + 1) / 2).clamp(0, 1).movedim(1, -1)
 
 
 def make_handle(name="derain", seed=0, zero_outputs=False, channels=32):
@@ -63,8 +33,8 @@ def plain_conditioning(cond):
 
 
 @pytest.fixture
-def setup(comfy, tiny_model):
-    return tiny_model, StubClipVision(), StubVAE(), image()
+def setup(comfy, tiny_model, tiny_clip_vision, tiny_vae):
+    return tiny_model, tiny_clip_vision, tiny_vae, image()
 
 
 def run(model, positive, latent, steps=4, sampler="euler", **kw):
@@ -240,11 +210,18 @@ def test_loader_finds_released_and_safetensors_plugins(comfy, tmp_path):
         folder_paths.folder_names_and_paths["diff_plugin"][0].remove(str(tmp_path))
 
 
-def test_chain_runs_official_schedule(setup):
+def test_chain_runs_official_schedule(setup, monkeypatch):
     from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitRunPluginChain
 
     model, cv, vae, img = setup
-    calls = []
+    calls, encoded = [], []
+    real_encode = vae.encode
+
+    def spy_encode(pixels):  # the real VAE's encode, counted: one encode of the input per plugin
+        encoded.append(pixels.detach().clone())
+        return real_encode(pixels)
+
+    monkeypatch.setattr(vae, "encode", spy_encode)
 
     def count(apply_model, args):
         calls.append(1)
@@ -256,13 +233,15 @@ def test_chain_runs_official_schedule(setup):
     out = PlugKitRunPluginChain.execute(model=m, plugins=handles, clip_vision=cv, vae=vae, image=img, seed=1,
                                         steps=3, later_steps=2, sampler_name="euler", scheduler="normal").result[0]
     assert len(calls) == 3 + 2
-    assert vae.encode_calls == 2
+    assert len(encoded) == 2
+    torch.testing.assert_close(encoded[0], img)  # the first plugin reads the input image ...
+    assert not torch.allclose(encoded[1], img, atol=1e-3)  # ... the second one the first plugin's result
     assert out.shape == img.shape and torch.isfinite(out).all()
     same = PlugKitRunPluginChain.execute(model=m, plugins=[], clip_vision=cv, vae=vae, image=img).result[0]
     assert same is img
 
 
-def test_selector_node_picks_the_plugin_built_for_the_instruction(sd15_full, tmp_path):
+def test_selector_node_picks_the_plugin_built_for_the_instruction(sd15_full, tiny_clip_vision, tmp_path):
     """Plugins whose Fp max-pools to directions dual to the instructions' pooled text embeddings
     (from the real SD text encoder): the selector must pick the matching one(s), in order."""
     import folder_paths
@@ -295,7 +274,7 @@ def test_selector_node_picks_the_plugin_built_for_the_instruction(sd15_full, tmp
     plugin_folders()
     folder_paths.add_model_folder_path("diff_plugin", str(tmp_path))
     try:
-        cv, img = StubClipVision(), image(size=64)
+        cv, img = tiny_clip_vision, image(size=64)
         run_sel = lambda text: PlugKitPluginSelector.execute(  # noqa: E731
             clip=clip, clip_vision=cv, image=img, instruction=text, selector_name="plugin_selector/PromptTunner.pt",
             plugin_1=handles[0], plugin_2=handles[1], plugin_3=handles[2])

@@ -1,12 +1,11 @@
-"""Training a Task-Plugin on a tiny in-process SD1.x model (32 channels; SCB of 32 channels)."""
+"""Training a Task-Plugin on a tiny in-process SD1.x model (32 channels; SCB of 32 channels), with a
+real tiny ComfyUI VAE and CLIP vision (tools.models.build_vae / build_clip_vision)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from test_diff_plugin_host import StubClipVision, StubVAE
 
 
 def write_pairs(root, size=64, bad=False):
@@ -27,8 +26,8 @@ def write_pairs(root, size=64, bad=False):
 
 
 @pytest.fixture
-def trainer_setup(comfy, tiny_model, tmp_path):
-    return tiny_model, StubClipVision(), StubVAE(), write_pairs(tmp_path / "data")
+def trainer_setup(comfy, tiny_model, tiny_clip_vision, tiny_vae, tmp_path):
+    return tiny_model, tiny_clip_vision, tiny_vae, write_pairs(tmp_path / "data")
 
 
 def _train(setup, output, **kw):
@@ -102,18 +101,18 @@ def test_killed_run_resumes_from_last_save(trainer_setup, tmp_path):
     assert restarted.start_step == 0
 
 
-def test_bad_pairs_are_skipped_and_reported(comfy, tiny_model, tmp_path):
+def test_bad_pairs_are_skipped_and_reported(comfy, tiny_model, tiny_clip_vision, tiny_vae, tmp_path):
     data = write_pairs(tmp_path / "data", bad=True)
-    result, report = _train((tiny_model, StubClipVision(), StubVAE(), data), tmp_path / "b.safetensors", steps=1)
+    result, report = _train((tiny_model, tiny_clip_vision, tiny_vae, data), tmp_path / "b.safetensors", steps=1)
     assert result.end_step == 1
     assert "broken.png: unreadable" in report and "small.png: size" in report and "lonely.png: no degraded" in report
     empty = tmp_path / "empty"
     (empty / "input").mkdir(parents=True)
     (empty / "gt").mkdir()
     with pytest.raises(ValueError, match="PlugKitTrainTaskPlugin: input 'data_folder': no usable"):
-        _train((tiny_model, StubClipVision(), StubVAE(), empty), tmp_path / "c.safetensors", steps=1)
+        _train((tiny_model, tiny_clip_vision, tiny_vae, empty), tmp_path / "c.safetensors", steps=1)
     with pytest.raises(ValueError, match="input 'data_folder'.*sub-folders"):
-        _train((tiny_model, StubClipVision(), StubVAE(), tmp_path), tmp_path / "c.safetensors", steps=1)
+        _train((tiny_model, tiny_clip_vision, tiny_vae, tmp_path), tmp_path / "c.safetensors", steps=1)
 
 
 def test_node_and_cli(trainer_setup, tmp_path):
