@@ -179,6 +179,52 @@ class ComfyServer:
     def run(self, prompt: dict, timeout: float = 900) -> dict:
         return self.wait(self.queue(prompt), timeout)
 
+    def run_listening(self, prompt: dict, timeout: float = 900) -> tuple[dict, list[dict]]:
+        """Like ``run``, while listening on the server's websocket (``/ws?clientId=<client_id>``, the
+        id the prompt is queued with). Returns (history entry, messages received until the prompt
+        ended): JSON messages as sent ({"type", "data"}), binary progress text decoded as
+        {"type": "progress_text", "data": {"node", "text"}}, other binary events as
+        {"type": "binary", "data": {"event", "size"}}."""
+        import asyncio
+
+        prompt_id, messages = asyncio.run(self._listen(prompt, timeout))
+        return self.wait(prompt_id, timeout), messages
+
+    async def _listen(self, prompt: dict, timeout: float) -> tuple[str, list[dict]]:
+        import asyncio
+
+        import aiohttp
+
+        messages: list[dict] = []
+        ws_url = f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}"
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(ws_url, max_msg_size=0) as ws:
+                prompt_id = await asyncio.to_thread(self.queue, prompt)
+                deadline = time.monotonic() + timeout
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ServerError(f"prompt {prompt_id}: no end message within {timeout}s")
+                    try:
+                        msg = await ws.receive(timeout=min(left, 5.0))
+                    except asyncio.TimeoutError:
+                        if self.proc is not None and self.proc.poll() is not None:
+                            raise ServerError(f"ComfyUI died while running {prompt_id}:\n{self.log_text()[-4000:]}")
+                        continue
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        m = json.loads(msg.data)
+                        messages.append(m)
+                        data = m.get("data") or {}
+                        if data.get("prompt_id") == prompt_id and (
+                                m.get("type") in ("execution_success", "execution_error", "execution_interrupted")
+                                or (m.get("type") == "executing" and data.get("node") is None)):
+                            break
+                    elif msg.type == aiohttp.WSMsgType.BINARY:
+                        messages.append(decode_binary_message(msg.data))
+                    else:  # closed or error
+                        break
+        return prompt_id, messages
+
     def output_files(self, entry: dict) -> list[Path]:
         """Files the history entry says were written (SaveImage and similar), as paths."""
         files = []
@@ -187,6 +233,19 @@ class ComfyServer:
                 folder = {"output": "output", "temp": "temp", "input": "input"}[img.get("type", "output")]
                 files.append(self.base / folder / img.get("subfolder", "") / img["filename"])
         return files
+
+
+def decode_binary_message(data: bytes) -> dict:
+    """A binary websocket message: 4-byte big-endian event type, then the payload. Event 3 (TEXT,
+    ``PromptServer.send_progress_text``) is a 4-byte node-id length, the node id, then UTF-8 text."""
+    import struct
+
+    event = struct.unpack(">I", data[:4])[0]
+    if event == 3:
+        n = struct.unpack(">I", data[4:8])[0]
+        return {"type": "progress_text", "data": {"node": data[8:8 + n].decode("utf-8"),
+                                                  "text": data[8 + n:].decode("utf-8", errors="replace")}}
+    return {"type": "binary", "data": {"event": event, "size": len(data) - 4}}
 
 
 def generator_object_info(name: str, model_files: dict[str, Path] | None = None) -> dict:
