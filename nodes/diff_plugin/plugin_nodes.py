@@ -319,7 +319,9 @@ class PlugKitRunPluginChain(io.ComfyNode):
                 io.Int.Input("steps", default=20, min=1, max=200, tooltip="Steps of the first plugin (official: 20)."),
                 io.Int.Input("later_steps", default=3, min=1, max=200, tooltip="Steps of each later plugin (official: 3)."),
                 io.Combo.Input("sampler_name", options=list(SAMPLERS), default="uni_pc_bh2",
-                               tooltip="uni_pc_bh2 matches the official diffusers UniPC (bh2) solver."),
+                               tooltip="uni_pc_bh2 is the official solver family (UniPC, bh2). The model output per step matches "
+                                       "the official pipeline; ComfyUI's UniPC (order 3, its own sigma grid) differs from "
+                                       "diffusers' (order 2, t = 999, 949, ...), so results are close, not identical."),
                 io.Combo.Input("scheduler", options=["normal", "simple", "sgm_uniform", "karras"], default="normal",
                                tooltip="Sigma schedule."),
             ],

@@ -277,3 +277,86 @@ def test_one_step_noise_prediction_equals_official(step_setup, t):
     with torch.no_grad():
         plain = unet(x_t, torch.tensor(t), encoder_hidden_states=fp).sample
     assert (plain - want).abs().max() > 1e-3
+
+
+# --- d. the whole official sampling loop ----------------------------------------------------------------
+
+# CompVis/stable-diffusion-v1-4 scheduler/scheduler_config.json, which infer.py loads into UniPC.
+SD14_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "trained_betas": None, "clip_sample": False,
+}
+TIME_THRESHOLD = 960  # infer.py --time_threshold
+
+
+def official_loop(eps_fn, scb_cond, noise, steps: int = 20):
+    """infer.py's loop: UniPC (diffusers defaults: bh2, order 2, data prediction) with SD's scheduler
+    config; the latent is the degraded latent noised at every t >= 960 (only the first step for 20
+    steps); then eps -> scheduler.step. ``final_sigmas_type='sigma_min'`` keeps diffusers 0.17's last
+    step (to t = 0), where current diffusers defaults to sigma 0."""
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler.from_config(SD14_SCHEDULER_CONFIG, final_sigmas_type="sigma_min")
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps.long()
+    latents = None
+    for t in timesteps:
+        if t >= TIME_THRESHOLD:
+            latents = scheduler.add_noise(scb_cond, noise, t.reshape(1))
+        with torch.no_grad():
+            eps = eps_fn(latents, int(t))
+        latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+    return latents, timesteps
+
+
+@pytest.fixture(scope="module")
+def loops(step_setup):
+    import comfy.sample
+
+    from tools.models import sample
+
+    m, positive, latent, scb, unet = step_setup
+    scb_cond = positive[0][1]["control"].cond_latent.detach()
+    fp = positive[0][0]
+    noise = comfy.sample.prepare_noise(latent["samples"], 42, None)  # KSampler's noise for seed 42
+    ms = m.get_model_object("model_sampling")
+    official, timesteps = official_loop(lambda x, t: official_eps(unet, scb, x, t, fp, scb_cond), scb_cond, noise)
+
+    def comfy_eps(x_t, t):
+        sigma = float(ms.sigmas[t])
+        x_k = x_t * math.sqrt(1.0 + sigma ** 2)
+        return (x_k - comfy_denoised(m, positive, x_k, sigma)) / sigma
+
+    official_with_comfy_model, _ = official_loop(comfy_eps, scb_cond, noise)
+    scale = m.get_model_object("latent_format").scale_factor
+    graph = sample(m, latent["samples"], positive, [], steps=20, cfg=1.0, sampler="uni_pc_bh2", scheduler="normal",
+                   seed=42).detach() * scale  # KSampler's output is process_out()'d: back to the scaled latent space
+    return official.detach(), official_with_comfy_model.detach(), graph, timesteps
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_official_loop_driven_by_comfyui_model_calls_equals_official(loops):
+    """The official loop (start latent, timestep grid, UniPC solver) with every model evaluation done
+    by ComfyUI with our plugin applied gives the official result: all of the model side matches."""
+    official, with_comfy, _, timesteps = loops
+    assert timesteps.tolist()[:3] == [999, 949, 899] and len(timesteps) == 20
+    assert official.std() > 0.1
+    torch.testing.assert_close(with_comfy, official, rtol=1e-4, atol=1e-4)
+
+
+def test_ksampler_uni_pc_bh2_vs_official_loop(loops):
+    """Our graph (KSampler uni_pc_bh2 / normal, 20 steps, cfg 1) is NOT the official solver: ComfyUI's
+    UniPC runs order 3 on its own sigma grid (ends at sigma 0.001) and noises the first step with
+    sqrt(1 + sigma^2), where the official loop is diffusers' order-2 UniPC on t = 999, 949, ..., 50.
+    Measured on this random tiny model: relative L2 difference 0.079 (max 0.54 at latent std 0.93),
+    the same 0.079 with the official timestep grid given as custom sigmas, i.e. the solver, not the
+    grid. This test only checks the two land in the same place to within that solver difference;
+    parity of the model itself is the test above (1e-4)."""
+    official, _, graph, _ = loops
+    rel = _rel(graph, official)
+    assert rel < 0.2, rel
+    assert torch.isfinite(graph).all()
