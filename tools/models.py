@@ -193,11 +193,15 @@ def random_conditioning(batch: int = 1, tokens: int = 77, dim: int = 768, seed: 
 def sample(model, latent: torch.Tensor, positive, negative, *, seed: int = 0, steps: int = 4,
            cfg: float = 2.0, sampler: str = "euler", scheduler: str = "normal", denoise: float = 1.0,
            noise_mask=None, add_noise: bool = True, start_step=None, last_step=None,
-           force_full_denoise: bool = True, disable_pbar: bool = True) -> torch.Tensor:
-    """What core KSampler / KSamplerAdvanced do, callable in-process. Returns the sampled latent."""
+           force_full_denoise: bool = True, disable_pbar: bool = True, noise: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """What core KSampler / KSamplerAdvanced do, callable in-process. Returns the sampled latent.
+    ``noise`` replaces the seed's noise (a test controlling its inputs)."""
     import comfy.sample
 
-    if add_noise:
+    if noise is not None:
+        noise = noise.expand_as(latent).contiguous()
+    elif add_noise:
         noise = comfy.sample.prepare_noise(latent, seed, None)
     else:
         noise = torch.zeros_like(latent)
