@@ -2,7 +2,7 @@
 
 Two checks: (1) the mask function, given a model object that has *nothing but* ``model_sampling``
 (of the U-Net, Flux and SD3 kinds), works for every sigma of a schedule, so it cannot be touching
-network internals; (2) a tiny random Flux (DiT) model built with ComfyUI's own classes samples with
+network internals; (2) tiny random Flux and SD3 (DiT) models built with ComfyUI's own classes sample with
 the node: "keep" is exact, a gradient is followed, and it matches core's pair at defaults.
 """
 from types import SimpleNamespace
@@ -85,6 +85,41 @@ def tiny_flux(comfy):
     return patcher, latent, cond(), cond()
 
 
+@pytest.fixture(scope="module")
+def tiny_sd3(comfy):
+    """A tiny random SD3 MMDiT (2 joint blocks, 128 hidden), with conditioning."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from tools.models import random_init
+
+    config = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None, adm_in_channels=32,
+                  context_embedder_config={"target": "torch.nn.Linear",
+                                           "params": {"in_features": 32, "out_features": 128}},
+                  num_patches=1024, pos_embed_max_size=32, pos_embed_scaling_factor=None,
+                  x_block_self_attn_layers=[])
+    model_config = comfy.supported_models.SD3(config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, device=torch.device("cpu"))
+    random_init(model.diffusion_model, 0)
+    model.diffusion_model.float()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    gen = torch.Generator().manual_seed(0)
+
+    def cond():
+        return [[torch.randn(1, 8, 32, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen)}]]
+
+    latent = torch.randn(1, 16, 16, 16, generator=gen)
+    return patcher, latent, cond(), cond()
+
+
+@pytest.fixture(params=["flux", "sd3"])
+def tiny_dit(request):
+    return request.getfixturevalue(f"tiny_{request.param}")
+
+
 def run(env, model, noise_mask=None, **kw):
     from tools.models import sample
 
@@ -94,29 +129,29 @@ def run(env, model, noise_mask=None, **kw):
     return sample(model, lat, pos, neg, noise_mask=noise_mask, **kw)
 
 
-def test_flux_keep_is_exact_and_gradient_is_followed(tiny_flux):
+def test_dit_keep_is_exact_and_gradient_is_followed(tiny_dit):
     from plugkit.nodes.differential_diffusion.nodes_differential_diffusion import PlugKitDifferentialDiffusion
 
-    model, lat, _, _ = tiny_flux
+    model, lat, _, _ = tiny_dit
     m, out = PlugKitDifferentialDiffusion.execute(model=model, samples={"samples": lat},
                                                   change_map=torch.zeros(1, 128, 128), schedule="step").result
-    assert (run(tiny_flux, m, out["noise_mask"]) - lat).abs().max().item() <= TOL
+    assert (run(tiny_dit, m, out["noise_mask"]) - lat).abs().max().item() <= TOL
 
     m, out = PlugKitDifferentialDiffusion.execute(model=model, samples={"samples": lat},
                                                   change_map=cm.linear_gradient(128, 128),
                                                   map_convention="white=keep").result
-    res = run(tiny_flux, m, out["noise_mask"])
+    res = run(tiny_dit, m, out["noise_mask"])
     col = (res - lat).abs().mean(dim=(0, 1, 2))
     assert col[-4:].mean() < col[:4].mean() / 2  # white=keep: the right side (white) changes least
     assert col[:4].mean() > 1e-2
 
 
-def test_flux_parity_with_core(tiny_flux, comfy_nodes):
+def test_dit_parity_with_core(tiny_dit, comfy_nodes):
     from plugkit.nodes.differential_diffusion.nodes_differential_diffusion import PlugKitDifferentialDiffusion
 
-    model, lat, _, _ = tiny_flux
+    model, lat, _, _ = tiny_dit
     change = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(1))
     m, out = PlugKitDifferentialDiffusion.execute(model=model, samples={"samples": lat}, change_map=change).result
     core = comfy_nodes.NODE_CLASS_MAPPINGS["DifferentialDiffusion"].execute(model).result[0]
     mask = comfy_nodes.NODE_CLASS_MAPPINGS["SetLatentNoiseMask"]().set_mask({"samples": lat}, change)[0]["noise_mask"]
-    assert (run(tiny_flux, m, out["noise_mask"]) - run(tiny_flux, core, mask)).abs().max().item() <= TOL
+    assert (run(tiny_dit, m, out["noise_mask"]) - run(tiny_dit, core, mask)).abs().max().item() <= TOL
