@@ -5,7 +5,8 @@
   (drawn here, 64x64: a house under rain streaks, the second also hazy);
 - ``workflows/diff_plugin_derain.json`` (UI format): CheckpointLoaderSimple, CLIPVisionLoader,
   PlugKitTaskPluginLoader (derain), LoadImage -> PlugKitApplyTaskPlugin -> KSampler (cfg 1, UniPC,
-  20 steps, as the official inference) -> VAEDecode -> SaveImage;
+  20 steps, close to the official inference) -> VAEDecode -> SaveImage, and beside it
+  PlugKitRunPluginChain (the same plugin, official sampler: exactly the official inference) -> SaveImage;
 - ``workflows/diff_plugin_selector.json``: three loaders (derain, desnow, dehaze) ->
   PlugKitPluginSelector (instruction) -> PlugKitRunPluginChain -> SaveImage.
 
@@ -240,11 +241,16 @@ def build_derain(info: dict):
     apply = wf.add("PlugKitApplyTaskPlugin", model=ckpt[0], plugin=plugin[0], clip_vision=cv[0], vae=ckpt[2],
                    image=img[0], strength=1.0)
     neg = wf.add("CLIPTextEncode", title="Unused negative (cfg 1 runs the positive only)", clip=ckpt[1], text="")
-    ks = wf.add("KSampler", title="KSampler (cfg 1, UniPC 20 steps: the official inference)", model=apply[0],
-                positive=apply[1], negative=neg[0], latent_image=apply[2], seed=42, steps=STEPS, cfg=1.0,
-                sampler_name="uni_pc_bh2", scheduler="normal", denoise=1.0)
+    ks = wf.add("KSampler", title="KSampler (cfg 1, UniPC 20 steps: close to the official inference)",
+                model=apply[0], positive=apply[1], negative=neg[0], latent_image=apply[2], seed=42, steps=STEPS,
+                cfg=1.0, sampler_name="uni_pc_bh2", scheduler="normal", denoise=1.0)
     dec = wf.add("VAEDecode", samples=ks[0], vae=ckpt[2])
-    wf.add("SaveImage", title="Derained", images=dec[0], filename_prefix="plugkit_diffplugin_derain")
+    wf.add("SaveImage", title="Derained (graph route)", images=dec[0], filename_prefix="plugkit_diffplugin_derain")
+    official = wf.add("PlugKitRunPluginChain", title="Official sampling, exactly (one plugin)", model=ckpt[0],
+                      plugin=plugin[0], clip_vision=cv[0], vae=ckpt[2], image=img[0], seed=42, steps=STEPS,
+                      later_steps=3, sampler_name="official", scheduler="normal")
+    wf.add("SaveImage", title="Derained (official sampling)", images=official[0],
+           filename_prefix="plugkit_diffplugin_derain_official")
     return wf
 
 
@@ -261,7 +267,7 @@ def build_selector(info: dict):
                  instruction="remove the rain and the haze", selector_name=SELECTOR, rule="official (score > 0)",
                  **{f"plugin_{i + 1}": loader[0] for i, loader in enumerate(loaders)})
     chain = wf.add("PlugKitRunPluginChain", title="Run Plugin Chain (official: steps 20, later 3)", model=ckpt[0], plugins=sel[0], clip_vision=cv[0], vae=ckpt[2],
-                   image=img[0], seed=42, steps=CHAIN_STEPS, later_steps=3, sampler_name="uni_pc_bh2",
+                   image=img[0], seed=42, steps=CHAIN_STEPS, later_steps=3, sampler_name="official",
                    scheduler="normal")
     wf.add("SaveImage", title="Result of the selected plugins", images=chain[0],
            filename_prefix="plugkit_diffplugin_selector")

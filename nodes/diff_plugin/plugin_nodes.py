@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..comfy_io import io, ui
-from . import plugin_files
+from . import official_unipc, plugin_files
 from .plugin_selector import RULE_OFFICIAL, RULES, select_plugins
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,8 @@ CATEGORY = "PlugKit/Diff-Plugin"
 TaskPluginType = io.Custom("PLUGKIT_TASK_PLUGIN")
 TaskPluginListType = io.Custom("PLUGKIT_TASK_PLUGIN_LIST")
 MAX_CANDIDATES = 8
-SAMPLERS = ("uni_pc_bh2", "uni_pc", "euler", "dpmpp_2m", "ddim")
+OFFICIAL_SAMPLER = "official"
+SAMPLERS = (OFFICIAL_SAMPLER, "uni_pc_bh2", "uni_pc", "euler", "dpmpp_2m", "ddim")
 
 
 # --- models/diff_plugin -------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def apply_task_plugin(model, handle, clip_vision, vae, image: torch.Tensor, stre
 
 
 def run_plugin_chain(model, handles, clip_vision, vae, image, *, seed: int = 42, steps: int = 20,
-                     later_steps: int = 3, sampler_name: str = "uni_pc_bh2", scheduler: str = "normal",
+                     later_steps: int = 3, sampler_name: str = OFFICIAL_SAMPLER, scheduler: str = "normal",
                      node: str = "PlugKitRunPluginChain") -> torch.Tensor:
     """The official multi-plugin schedule: the first plugin runs ``steps``, each later one ``later_steps``
     on the previous result; cfg 1 (no guidance). Returns the final IMAGE."""
@@ -155,15 +156,37 @@ def run_plugin_chain(model, handles, clip_vision, vae, image, *, seed: int = 42,
         samples = latent["samples"]
         noise = comfy.sample.prepare_noise(samples, seed, None)
         n = steps if index == 0 else later_steps
-        samples = comfy.sample.sample(
-            m, noise, n, 1.0, sampler_name, scheduler, positive, [], samples, denoise=1.0, seed=seed,
-            callback=lambda step, x0, x, total_steps: bar.update(1), disable_pbar=True,
-        )
+        if sampler_name == OFFICIAL_SAMPLER:
+            samples = sample_official(m, positive, handle.plugin.start_from_noise, noise, n,
+                                      callback=lambda *_: bar.update(1))
+        else:
+            samples = comfy.sample.sample(
+                m, noise, n, 1.0, sampler_name, scheduler, positive, [], samples, denoise=1.0, seed=seed,
+                callback=lambda step, x0, x, total_steps: bar.update(1), disable_pbar=True,
+            )
         image = vae.decode(samples)
         if image.ndim == 5:
             image = image.reshape(-1, *image.shape[-3:])
         log.info("Diff-Plugin chain: applied %s (%d steps)", handle.name, n)
     return image
+
+
+def sample_official(m, positive, from_noise: bool, noise: torch.Tensor, steps: int, callback=None) -> torch.Tensor:
+    """infer.py's sampling, exactly: its first latent, diffusers' UniPC on its timestep grid, its final
+    latent (returned unscaled, as KSampler's). The start is built here and handed to ComfyUI with zero
+    noise, so ComfyUI's own start-noise scaling (sqrt(1 + sigma^2) at sigma_max) does not apply."""
+    import comfy.sample
+    import comfy.samplers
+
+    latent_format = m.get_model_object("latent_format")
+    sigmas = official_unipc.official_sigmas(m.get_model_object("model_sampling").sigma, steps)
+    cond_latent = positive[0][1]["control"].cond_latent.to(noise.device, noise.dtype)
+    start = official_unipc.official_start(cond_latent, noise, float(sigmas[0]), from_noise)
+    out = comfy.sample.sample_custom(
+        m, torch.zeros_like(start), 1.0, comfy.samplers.KSAMPLER(official_unipc.sample_official_unipc), sigmas,
+        positive, [], latent_format.process_out(start), callback=callback, disable_pbar=True,
+    )
+    return official_unipc.official_finish(out, float(sigmas[-1]))
 
 
 # --- nodes ----------------------------------------------------------------------------------------
@@ -310,7 +333,11 @@ class PlugKitRunPluginChain(io.ComfyNode):
                         "full steps, each later one a few steps on the previous result (cfg 1).",
             inputs=[
                 io.Model.Input("model", tooltip="An SD 1.x model."),
-                TaskPluginListType.Input("plugins", tooltip="Selected plugins from 'Diff-Plugin Plugin-Selector'."),
+                TaskPluginListType.Input("plugins", optional=True,
+                                         tooltip="Selected plugins from 'Diff-Plugin Plugin-Selector', run in order."),
+                TaskPluginType.Input("plugin", optional=True,
+                                     tooltip="Or one Task-Plugin from 'Load Diff-Plugin Task-Plugin' (run after 'plugins' "
+                                             "when both are connected): the official result of a single plugin."),
                 io.ClipVision.Input("clip_vision", tooltip="CLIP ViT-L/14 vision model."),
                 io.Vae.Input("vae", tooltip="The SD 1.x VAE."),
                 io.Image.Input("image", tooltip="The degraded image."),
@@ -318,23 +345,30 @@ class PlugKitRunPluginChain(io.ComfyNode):
                              tooltip="Noise seed (the official demo uses 42)."),
                 io.Int.Input("steps", default=20, min=1, max=200, tooltip="Steps of the first plugin (official: 20)."),
                 io.Int.Input("later_steps", default=3, min=1, max=200, tooltip="Steps of each later plugin (official: 3)."),
-                io.Combo.Input("sampler_name", options=list(SAMPLERS), default="uni_pc_bh2",
-                               tooltip="uni_pc_bh2 is the official solver family (UniPC, bh2). The model output per step matches "
-                                       "the official pipeline; ComfyUI's UniPC (order 3, its own sigma grid) differs from "
-                                       "diffusers' (order 2, t = 999, 949, ...), so results are close, not identical."),
+                io.Combo.Input("sampler_name", options=list(SAMPLERS), default=OFFICIAL_SAMPLER,
+                               tooltip="official: the official pipeline's sampling exactly (diffusers' UniPC, bh2, order 2, "
+                                       "on t = 999, 949, ..., with its start and final latent; 'scheduler' is not used). "
+                                       "The others are ComfyUI's samplers with 'scheduler': close to the official "
+                                       "result, not identical (ComfyUI's uni_pc_bh2 is order 3 on its own grid)."),
                 io.Combo.Input("scheduler", options=["normal", "simple", "sgm_uniform", "karras"], default="normal",
-                               tooltip="Sigma schedule."),
+                               tooltip="Sigma schedule of ComfyUI's samplers (the official sampler has its own)."),
             ],
             outputs=[io.Image.Output(display_name="image")],
         )
 
     @classmethod
-    def execute(cls, model, plugins, clip_vision, vae, image, seed: int = 42, steps: int = 20, later_steps: int = 3,
-                sampler_name: str = "uni_pc_bh2", scheduler: str = "normal") -> io.NodeOutput:
-        if not plugins:
+    def execute(cls, model, clip_vision, vae, image, plugins=None, plugin=None, seed: int = 42, steps: int = 20,
+                later_steps: int = 3, sampler_name: str = OFFICIAL_SAMPLER, scheduler: str = "normal") -> io.NodeOutput:
+        if plugins is None and plugin is None:
+            raise ValueError("PlugKitRunPluginChain: connect 'plugins' (from the Plugin-Selector) or 'plugin' "
+                             "(from 'Load Diff-Plugin Task-Plugin').")
+        if sampler_name not in SAMPLERS:
+            raise ValueError(f"PlugKitRunPluginChain: input 'sampler_name' is {sampler_name!r}; use one of {list(SAMPLERS)}.")
+        chain = list(plugins or []) + ([plugin] if plugin is not None else [])
+        if not chain:
             log.info("Diff-Plugin chain: no plugin selected; returning the input image")
             return io.NodeOutput(image)
-        out = run_plugin_chain(model, list(plugins), clip_vision, vae, image, seed=seed, steps=steps,
+        out = run_plugin_chain(model, chain, clip_vision, vae, image, seed=seed, steps=steps,
                                later_steps=later_steps, sampler_name=sampler_name, scheduler=scheduler)
         return io.NodeOutput(out)
 

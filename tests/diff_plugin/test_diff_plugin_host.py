@@ -241,6 +241,34 @@ def test_chain_runs_official_schedule(setup, monkeypatch):
     assert same is img
 
 
+def test_chain_runs_one_plugin_with_the_official_sampler_by_default(setup):
+    """A single loaded plugin on the 'plugin' input, default sampler (official): one model call per step,
+    the official grid (first call at t = 999), and a clear error when nothing is connected."""
+    from plugkit.nodes.diff_plugin.plugin_nodes import OFFICIAL_SAMPLER, PlugKitRunPluginChain
+
+    model, cv, vae, img = setup
+    timesteps = []
+
+    sampling = model.get_model_object("model_sampling")
+
+    def spy(apply_model, args):  # args["timestep"] is the sigma; the U-Net gets sampling.timestep(sigma)
+        timesteps.append(float(sampling.timestep(args["timestep"])[0]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    m = model.clone()
+    m.set_model_unet_function_wrapper(spy)
+    handle = make_handle("derain", seed=1)
+    schema = PlugKitRunPluginChain.define_schema()
+    assert next(i for i in schema.inputs if i.id == "sampler_name").default == OFFICIAL_SAMPLER
+    out = PlugKitRunPluginChain.execute(model=m, plugin=handle, clip_vision=cv, vae=vae, image=img, steps=4).result[0]
+    assert [round(t) for t in timesteps] == [999, 749, 500, 250]  # linspace(0, 999, 5) rounded, reversed
+    other = PlugKitRunPluginChain.execute(model=model, plugin=handle, clip_vision=cv, vae=vae, image=img, steps=4,
+                                          sampler_name="uni_pc_bh2").result[0]
+    assert out.shape == img.shape and (out - other).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="PlugKitRunPluginChain: connect 'plugins'.*or 'plugin'"):
+        PlugKitRunPluginChain.execute(model=model, clip_vision=cv, vae=vae, image=img)
+
+
 def test_selector_node_picks_the_plugin_built_for_the_instruction(sd15_full, tiny_clip_vision, tmp_path):
     """Plugins whose Fp max-pools to directions dual to the instructions' pooled text embeddings
     (from the real SD text encoder): the selector must pick the matching one(s), in order."""

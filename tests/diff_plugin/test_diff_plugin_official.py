@@ -360,3 +360,71 @@ def test_ksampler_uni_pc_bh2_vs_official_loop(loops):
     rel = _rel(graph, official)
     assert rel < 0.2, rel
     assert torch.isfinite(graph).all()
+
+
+# --- e. our implementation of the official sampler ----------------------------------------------------
+
+def test_official_timesteps_and_sigmas(comfy, step_setup):
+    from diffusers import UniPCMultistepScheduler
+
+    from plugkit.nodes.diff_plugin.official_unipc import official_sigmas, official_timesteps
+
+    for steps in (1, 3, 20, 50):
+        scheduler = UniPCMultistepScheduler.from_config(SD14_SCHEDULER_CONFIG, final_sigmas_type="sigma_min")
+        scheduler.set_timesteps(steps)
+        assert official_timesteps(steps) == scheduler.timesteps.tolist()
+        ms = step_setup[0].get_model_object("model_sampling")
+        torch.testing.assert_close(official_sigmas(ms.sigma, steps), scheduler.sigmas.float(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 20])
+def test_official_unipc_solver_equals_diffusers(comfy, steps):
+    """The solver alone, on a smooth stand-in eps(x, t) (no network), against diffusers' scheduler."""
+    from plugkit.nodes.diff_plugin.official_unipc import official_sigmas, sample_official_unipc
+
+    gen = torch.Generator().manual_seed(steps)
+    x0 = torch.randn(2, 4, 8, 8, generator=gen)
+    noise = torch.randn(2, 4, 8, 8, generator=gen)
+    weight = torch.randn(4, 4, generator=gen) * 0.3
+
+    def eps_fn(x_vp, t):  # depends on x and t, like a network would
+        return torch.tanh(torch.einsum("oc,bchw->bohw", weight, x_vp)) * (0.5 + t / 1000.0) + 0.1 * x_vp
+
+    official, _ = official_loop(eps_fn, x0, noise, steps=steps)
+
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler.from_config(SD14_SCHEDULER_CONFIG, final_sigmas_type="sigma_min")
+    table = ((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod) ** 0.5
+
+    def sigma_of_t(ts):
+        return table[ts.long()]
+
+    sigmas = official_sigmas(sigma_of_t, steps)
+
+    def model(x, sigma):  # ComfyUI's convention: x = x_vp / alpha, returns the denoised x0
+        s = float(sigma[0])
+        t = int((table - s).abs().argmin())
+        return x - s * eps_fn(x / math.sqrt(1 + s * s), t)
+
+    x = x0 + noise * float(sigmas[0])  # infer.py's add_noise at t = 999, in ComfyUI's form
+    ours = sample_official_unipc(model, x, sigmas) / math.sqrt(1 + float(sigmas[-1]) ** 2)
+    torch.testing.assert_close(ours, official, rtol=1e-5, atol=1e-5)
+
+
+def test_run_chain_official_sampler_equals_official_loop(loops, step_setup):
+    """PlugKitRunPluginChain's default sampler reproduces infer.py end to end (model, start, solver,
+    grid and final latent): the official loop's result to 1e-4."""
+    import comfy.sample
+
+    from plugkit.nodes.diff_plugin.plugin_nodes import sample_official
+
+    official = loops[0]
+    m, positive, latent, _, _ = step_setup
+    noise = comfy.sample.prepare_noise(latent["samples"], 42, None)  # the noise the loops fixture used
+    steps_seen = []
+    ours = sample_official(m, positive, False, noise, 20, callback=lambda step, *_: steps_seen.append(step))
+    scale = m.get_model_object("latent_format").scale_factor
+    torch.testing.assert_close(ours * scale, official, rtol=1e-4, atol=1e-4)
+    assert steps_seen == list(range(20))
+    assert _rel(loops[2], official) > 1e-2  # ComfyUI's uni_pc_bh2 really is a different solver
