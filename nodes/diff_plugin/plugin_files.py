@@ -15,6 +15,7 @@ Every key set is checked strictly; errors name the file and the fix.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -23,6 +24,8 @@ import torch
 
 from .plugin_selector import PromptTuner
 from .task_plugin import NOISE_START_TASKS, TaskPlugin
+
+log = logging.getLogger(__name__)
 
 PLUGIN_FORMAT = "plugkit.diff_plugin.task_plugin"
 SELECTOR_FORMAT = "plugkit.diff_plugin.selector"
@@ -273,7 +276,7 @@ def save_selector(tuner: PromptTuner, path: str | os.PathLike) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m <pack>.nodes.diff_plugin.plugin_files convert <released folder> [output.safetensors]``."""
+    """``python custom_nodes/ComfyUI-PlugKit/cli.py convert-diff-plugin <released folder> [output.safetensors]``."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Convert a released Diff-Plugin folder to a PlugKit .safetensors plugin.")
@@ -281,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", help="released plugin folder holding scb/ and tpb.pt")
     parser.add_argument("output", nargs="?", help="output .safetensors (default: <folder>.safetensors)")
     args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = convert_released_plugin(args.folder, args.output)
-    import logging
-    logging.getLogger(__name__).info("wrote %s", out)
+    log.info("wrote %s", out)
     return 0

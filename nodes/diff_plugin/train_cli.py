@@ -1,8 +1,8 @@
 """Train a Diff-Plugin Task-Plugin from the command line (same code as the PlugKitTrainTaskPlugin node).
 
-Run from the ComfyUI folder (so ``comfy`` imports), e.g.::
+Run through the pack's ``cli.py`` from the ComfyUI folder (so ``comfy`` imports), e.g.::
 
-    python -m custom_nodes.<pack folder>.nodes.diff_plugin.train_cli \\
+    python custom_nodes/ComfyUI-PlugKit/cli.py train-diff-plugin \\
         --checkpoint models/checkpoints/v1-5-pruned-emaonly.safetensors \\
         --clip-vision models/clip_vision/clip_vision_vit_l_14.safetensors \\
         --data /data/rain_pairs --output models/diff_plugin/my_derain.safetensors --steps 5000
