@@ -130,6 +130,42 @@ def test_zero_initialised_scb_equals_plain_sampling_with_fp(setup):
     assert not torch.allclose(run(m2, positive2, latent, steps=2, seed=3), ref)  # a trained SCB does act
 
 
+def test_weight_patches_still_apply_and_the_model_is_not_mutated(setup):
+    """A LoRA-style weight patch on the incoming model (ModelPatcher.add_patches, what LoraLoader uses)
+    still acts under the plugin, exactly as if the weights had been changed; the incoming patcher keeps
+    its patches and options."""
+    import copy
+
+    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitApplyTaskPlugin
+    from tools.models import build_model
+
+    model, cv, vae, img = setup
+    key = "diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    weight = model.model.state_dict()[key]
+    delta = torch.randn(weight.shape, generator=torch.Generator().manual_seed(3)) * 0.2
+    patched = model.clone()
+    patched.add_patches({key: (delta,)}, 1.0)
+    patches_before = {k: list(v) for k, v in patched.patches.items()}
+    options_before = copy.deepcopy(patched.model_options)
+    handle = make_handle(seed=4)
+
+    def plugin_run(m):
+        m2, positive, latent = PlugKitApplyTaskPlugin.execute(model=m, plugin=handle, clip_vision=cv, vae=vae,
+                                                              image=img).result
+        return run(m2, positive, latent, steps=2, seed=1)
+
+    with_patch = plugin_run(patched)
+    baked = build_model(seed=0)  # the same tiny model with the delta written into its weights
+    with torch.no_grad():
+        baked.model.state_dict()[key].add_(delta)
+    torch.testing.assert_close(with_patch, plugin_run(baked), rtol=1e-5, atol=1e-5)
+    assert (with_patch - plugin_run(model)).abs().max() > 1e-3  # the patch matters
+    assert {k: list(v) for k, v in patched.patches.items()} == patches_before
+    assert patched.model_options.keys() == options_before.keys()
+    assert patched.model_options["transformer_options"].keys() == options_before["transformer_options"].keys()
+    assert not patched.object_patches
+
+
 def test_control_api_copy_models_chain_and_cleanup(setup):
     from plugkit.nodes.diff_plugin.plugin_nodes import apply_task_plugin
 
