@@ -142,6 +142,37 @@ def build_model(unet_config: dict | None = None, seed: int = 0, dtype=torch.floa
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload)
 
 
+TINY_DIT_CONFIGS = {
+    # Flux: 1 double + 1 single block, 64 hidden, context/pooled width 32
+    "flux": dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
+                 hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1,
+                 axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True),
+    # SD3 MMDiT: 2 joint blocks (hidden 64 x depth = 128), context/pooled width 32
+    "sd3": dict(in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None, adm_in_channels=32,
+                context_embedder_config={"target": "torch.nn.Linear",
+                                         "params": {"in_features": 32, "out_features": 128}},
+                num_patches=1024, pos_embed_max_size=32, pos_embed_scaling_factor=None,
+                x_block_self_attn_layers=[]),
+}
+
+
+def build_tiny_dit(kind: str, seed: int = 0):
+    """A ComfyUI ModelPatcher around a tiny random DiT ("flux" or "sd3") built with ComfyUI's own
+    model configs; its conditioning wants a [B, tokens, 32] context and a [B, 32] pooled_output."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config_cls = {"flux": comfy.supported_models.Flux, "sd3": comfy.supported_models.SD3}[kind]
+    model_config = config_cls(copy.deepcopy(TINY_DIT_CONFIGS[kind]))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, device=torch.device("cpu"))
+    random_init(model.diffusion_model, seed)
+    model.diffusion_model.float()
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
 def build_vae(seed: int = 0, channels: int = 32):
     """A real ComfyUI ``comfy.sd.VAE`` with SD's KL autoencoder layout (8x down, 4 latent channels) but
     ``channels`` base channels: fast enough for host tests that encode and decode."""

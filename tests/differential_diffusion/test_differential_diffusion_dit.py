@@ -56,63 +56,29 @@ def test_mask_function_uses_only_model_sampling(comfy, kind, schedule):
     assert freed == sorted(freed) and freed[0] < freed[-1]  # more pixels free as sampling proceeds
 
 
-@pytest.fixture(scope="module")
-def tiny_flux(comfy):
-    """A tiny random Flux DiT (1 double + 1 single block, 64 hidden), with conditioning."""
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
+def dit_env(kind: str, **cond_extra):
+    """A tiny random DiT built with ComfyUI's classes (tools.models), a latent and two conditionings."""
+    from tools.models import build_tiny_dit
 
-    from tools.models import random_init
-
-    config = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
-                  hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1,
-                  axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
-    model_config = comfy.supported_models.Flux(config)
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({}, device=torch.device("cpu"))
-    random_init(model.diffusion_model, 0)
-    model.diffusion_model.float()
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                               offload_device=comfy.model_management.unet_offload_device())
+    patcher = build_tiny_dit(kind, seed=0)
     gen = torch.Generator().manual_seed(0)
 
     def cond():
         return [[torch.randn(1, 8, 32, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen),
-                                                         "guidance": 3.5}]]
+                                                         **cond_extra}]]
 
     latent = torch.randn(1, 16, 16, 16, generator=gen)
     return patcher, latent, cond(), cond()
 
 
 @pytest.fixture(scope="module")
+def tiny_flux(comfy):
+    return dit_env("flux", guidance=3.5)
+
+
+@pytest.fixture(scope="module")
 def tiny_sd3(comfy):
-    """A tiny random SD3 MMDiT (2 joint blocks, 128 hidden), with conditioning."""
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    from tools.models import random_init
-
-    config = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None, adm_in_channels=32,
-                  context_embedder_config={"target": "torch.nn.Linear",
-                                           "params": {"in_features": 32, "out_features": 128}},
-                  num_patches=1024, pos_embed_max_size=32, pos_embed_scaling_factor=None,
-                  x_block_self_attn_layers=[])
-    model_config = comfy.supported_models.SD3(config)
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({}, device=torch.device("cpu"))
-    random_init(model.diffusion_model, 0)
-    model.diffusion_model.float()
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                               offload_device=comfy.model_management.unet_offload_device())
-    gen = torch.Generator().manual_seed(0)
-
-    def cond():
-        return [[torch.randn(1, 8, 32, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen)}]]
-
-    latent = torch.randn(1, 16, 16, 16, generator=gen)
-    return patcher, latent, cond(), cond()
+    return dit_env("sd3")
 
 
 @pytest.fixture(params=["flux", "sd3"])

@@ -275,18 +275,9 @@ def test_core_freeu_after_plugkit_wins(env, memo, comfy_nodes, caplog):
 
 # -- models without a U-Net decoder -----------------------------------------------------------------
 def tiny_flux():
-    import comfy.model_patcher
-    import comfy.supported_models
+    from tools.models import build_tiny_dit
 
-    cfg = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
-           "context_in_dim": 32, "hidden_size": 32, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
-           "depth_single_blocks": 1, "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2,
-           "qkv_bias": True, "guidance_embed": False}
-    config = comfy.supported_models.Flux(cfg)
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, device=torch.device("cpu"))
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
-                                            offload_device=torch.device("cpu"))
+    return build_tiny_dit("flux")
 
 
 def test_dit_is_refused_with_a_clear_error(comfy, comfy_nodes):
