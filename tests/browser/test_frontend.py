@@ -43,21 +43,6 @@ def _get(server, path: str, timeout: float = 30):
         return None
 
 
-def wait_finished(server, prompt_id: str, timeout: float) -> dict:
-    """The history entry of a finished prompt; fails with the server's error if it failed."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        entry = (_get(server, f"/history/{prompt_id}") or {}).get(prompt_id)
-        status = (entry or {}).get("status", {})
-        if status.get("completed") is not None:
-            if status.get("status_str") != "success":
-                msgs = json.dumps(status.get("messages", []), indent=1)[-4000:]
-                raise AssertionError(f"prompt {prompt_id} failed on the server: {msgs}")
-            return entry
-        time.sleep(1.0)
-    raise AssertionError(f"prompt {prompt_id} did not finish within {timeout}s")
-
-
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
@@ -166,7 +151,7 @@ def run_from_page(page, server, path: Path, name: str) -> dict:
         prompt_id = page.wait_for(f"{name} to be queued", queued, timeout=180, interval=0.5)
     except AssertionError as e:
         raise AssertionError(f"{e}; open dialogs: {page.dialogs()}") from None
-    entry = wait_finished(server, prompt_id, RUN_TIMEOUT)
+    entry = server.wait(prompt_id, RUN_TIMEOUT)  # raises with the server's error if it failed
     images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     assert images, f"{name} finished but produced no image"
 
