@@ -102,17 +102,16 @@ def _corrector(last_x, x_k, m_k, outputs, sigmas, lam, k, order):
     """UniC: redo the step sigma_{k-1} -> sigma_k with the output at sigma_k (order of that step)."""
     m0 = outputs[-1]  # output at sigma_{k-1}
     h = lam[k] - lam[k - 1]
-    hh = torch.tensor(-h, dtype=torch.float64)
-    b = _b_vector(hh, order)
     if order == 1:
-        rhos = [0.5]
+        rhos = [0.5]  # diffusers fixes rho = 0.5 for the first-order corrector
         d1s = []
     else:
         rk = (lam[k - 2] - lam[k - 1]) / h
         d1s = [(outputs[-2] - m0) / rk]
         # R = [[1, 1], [rk, 1]] rho = b
         r = torch.tensor([[1.0, 1.0], [rk, 1.0]], dtype=torch.float64)
-        rhos = torch.linalg.solve(r, torch.stack(b[:2]).to(torch.float64)).tolist()
+        b = torch.stack(_b_vector(torch.tensor(-h, dtype=torch.float64), 2))
+        rhos = torch.linalg.solve(r, b).tolist()
     res = sum(rho * d for rho, d in zip(rhos[:-1], d1s)) + rhos[-1] * (m_k - m0)
     return _update(last_x, sigmas[k - 1], sigmas[k], m0, res)
 
