@@ -160,8 +160,7 @@ class ComfyServer:
         """Wait for a queued prompt; return its history entry or raise with the server's error."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise ServerError(f"ComfyUI died while running {prompt_id}:\n{self.log_text()[-4000:]}")
+            self._raise_if_dead(prompt_id)
             try:
                 hist = self.get(f"/history/{prompt_id}", timeout=60)
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError):
@@ -175,6 +174,10 @@ class ComfyServer:
                 return entry
             time.sleep(0.5)
         raise ServerError(f"prompt {prompt_id} did not finish within {timeout}s")
+
+    def _raise_if_dead(self, prompt_id: str) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise ServerError(f"ComfyUI died while running {prompt_id}:\n{self.log_text()[-4000:]}")
 
     def run(self, prompt: dict, timeout: float = 900) -> dict:
         return self.wait(self.queue(prompt), timeout)
@@ -208,8 +211,7 @@ class ComfyServer:
                     try:
                         msg = await ws.receive(timeout=min(left, 5.0))
                     except asyncio.TimeoutError:
-                        if self.proc is not None and self.proc.poll() is not None:
-                            raise ServerError(f"ComfyUI died while running {prompt_id}:\n{self.log_text()[-4000:]}")
+                        self._raise_if_dead(prompt_id)
                         continue
                     if msg.type == aiohttp.WSMsgType.TEXT:
                         m = json.loads(msg.data)
