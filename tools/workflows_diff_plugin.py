@@ -266,7 +266,8 @@ def build_selector(info: dict):
     sel = wf.add("PlugKitPluginSelector", clip=ckpt[1], clip_vision=cv[0], image=img[0],
                  instruction="remove the rain and the haze", selector_name=SELECTOR, rule="official (score > 0)",
                  **{f"plugin_{i + 1}": loader[0] for i, loader in enumerate(loaders)})
-    chain = wf.add("PlugKitRunPluginChain", title="Run Plugin Chain (official: steps 20, later 3)", model=ckpt[0], plugins=sel[0], clip_vision=cv[0], vae=ckpt[2],
+    chain = wf.add("PlugKitRunPluginChain", title=f"Run Plugin Chain (official sampler; first plugin {CHAIN_STEPS} steps here, 20 officially)",
+                   model=ckpt[0], plugins=sel[0], clip_vision=cv[0], vae=ckpt[2],
                    image=img[0], seed=42, steps=CHAIN_STEPS, later_steps=3, sampler_name="official",
                    scheduler="normal")
     wf.add("SaveImage", title="Result of the selected plugins", images=chain[0],
