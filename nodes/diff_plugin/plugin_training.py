@@ -12,7 +12,8 @@ script samples the posterior each step); encoding once makes a CPU/GPU step much
 
 Checkpoints: the plugin ``.safetensors`` (metadata ``step``) plus ``<file>.optim.pt`` holding the
 AdamW state, both written atomically; ``resume`` continues from them. Every step's randomness comes
-from a generator seeded with (seed, step), so a resumed run repeats what an uninterrupted one does.
+from a generator seeded with (seed, step), so a resumed run repeats what an uninterrupted one does
+(to float level: kernels may reduce in another order from run to run).
 """
 from __future__ import annotations
 

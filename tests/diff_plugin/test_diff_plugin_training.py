@@ -94,11 +94,33 @@ def test_killed_run_resumes_from_last_save(trainer_setup, tmp_path):
     assert meta["step"] == "2"  # the save before the kill survived, whole
     resumed, _ = _train(trainer_setup, tmp_path / "part.safetensors")
     assert resumed.start_step == 2 and resumed.end_step == 4 and len(resumed.losses) == 2
-    assert resumed.losses == full.losses[2:]
-    for k, v in full.plugin.state_dict().items():
-        torch.testing.assert_close(resumed.plugin.state_dict()[k], v, rtol=0, atol=1e-7)
+    # Equal to float level, not bitwise: CPU kernels may split reductions differently between runs
+    # (threads, memory alignment). Measured between 1- and 2-thread runs of this training: losses
+    # 2.3e-6 relative, weights 7.2e-4 relative per tensor (AdamW turns float noise in near-zero
+    # gradients into lr-sized steps). A resume that loses the optimizer state or the step's seed is
+    # far outside both tolerances (checked below).
+    assert_resume_close(resumed, full)
     restarted, _ = _train(trainer_setup, tmp_path / "part.safetensors", resume=False, steps=1)
     assert restarted.start_step == 0
+
+    # The tolerances can fail: resuming without the AdamW state is outside them (loss 9e-3 off at step 4).
+    _train(trainer_setup, tmp_path / "lost.safetensors", steps=2, save_every=0)
+    (tmp_path / "lost.safetensors.optim.pt").unlink()
+    no_optimizer, _ = _train(trainer_setup, tmp_path / "lost.safetensors")
+    with pytest.raises(AssertionError, match="losses|weights"):
+        assert_resume_close(no_optimizer, full)
+
+
+LOSS_RTOL = 1e-4
+WEIGHT_RTOL = 5e-3
+
+
+def assert_resume_close(resumed, full):
+    for got, want in zip(resumed.losses, full.losses[2:], strict=True):
+        assert abs(got - want) <= LOSS_RTOL * abs(want), ("losses", resumed.losses, full.losses[2:])
+    for k, v in full.plugin.state_dict().items():
+        diff = float((resumed.plugin.state_dict()[k].float() - v.float()).norm())
+        assert diff <= WEIGHT_RTOL * float(v.float().norm()) + 1e-12, ("weights", k, diff, float(v.norm()))
 
 
 def test_bad_pairs_are_skipped_and_reported(comfy, tiny_model, tiny_clip_vision, tiny_vae, tmp_path):
