@@ -13,9 +13,17 @@ Official inversion (MichalGeyer/pnp-diffusers ``preprocess.py``): from the laten
 return exactly that prediction; the node glue builds it from the model's own ``model_sampling`` so
 epsilon and v-prediction models both work.
 
-Resolution. The official code inverts with 999 fine steps and samples with 50: here each interval
-of the sampling schedule is subdivided into ``substeps`` inversion steps (uniform in the model's
-timestep), and only the latents at the sampling schedule's points are kept.
+Start. The official code (``preprocess.py``, diffusers ``DDIMScheduler`` with
+``set_alpha_to_one=False``) treats the clean latent as the latent at ``alphas_cumprod[0]``, i.e. at
+the model's lowest noise level ``sigma_min`` (0.0292 for SD), not at sigma 0: its first step goes
+from ``final_alpha_cumprod = alphas_cumprod[0]`` to the first timestep. In sigma space that latent is
+``clean * sqrt(1 + sigma_min**2)`` (so the U-Net's VP input is the clean latent itself).
+
+Resolution. The official code inverts with 999 fine steps (every model timestep) and samples with
+50: here each interval of the sampling schedule is subdivided uniformly in the model's timestep
+(``interval_substeps``: ``round(dt * inversion_steps / 999)`` steps for an interval spanning ``dt``
+timesteps, so ``inversion_steps = 999`` is one step per model timestep), and only the latents at
+the sampling schedule's points are kept.
 """
 from __future__ import annotations
 
@@ -33,18 +41,36 @@ def substeps_for(steps: int, inversion_steps: int) -> int:
     return max(1, int(round(inversion_steps / steps)))
 
 
+OFFICIAL_INVERSION_STEPS = 999  # preprocess.py --steps default ("for the best reconstruction")
+TIMESTEP_SPAN = 999.0  # model timesteps 0..999
+
+
+def interval_substeps(t_points: Iterable[float], inversion_steps: int) -> list[int]:
+    """Inversion steps per interval of an ascending timestep list: ``max(1, round(dt * N / 999))``.
+
+    Uniform in the model's timestep over the whole range: ``N = 999`` gives one step per model
+    timestep (the official ``preprocess.py``), ``N`` = the sampling steps one step per interval of
+    ``ddim_uniform``.
+    """
+    if inversion_steps < 1:
+        raise ValueError("inversion_steps must be >= 1")
+    t = [float(v) for v in t_points]
+    return [max(1, int(round((b - a) * inversion_steps / TIMESTEP_SPAN))) for a, b in zip(t[:-1], t[1:])]
+
+
 def subdivide_schedule(
     coarse: torch.Tensor,
-    substeps: int,
+    substeps,
     to_t: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     to_sigma: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Refine an ascending sigma schedule; returns ``(fine, coarse_positions)``.
 
-    ``coarse`` ascends (e.g. ``[0, s_1, ..., s_max]``). Each interval ``[a, b]`` with ``a > 0`` is
-    split into ``substeps`` steps uniform in the model's timestep (``to_t``/``to_sigma``; without
-    them, uniform in log sigma). The interval starting at sigma 0 is one step, as in the official
-    code (whose first step goes from the clean latent to the first timestep). Every coarse point is
+    ``coarse`` ascends (e.g. ``[sigma_min, s_1, ..., s_max]``). ``substeps`` is one count for
+    every interval or a list with one count per interval. Each interval ``[a, b]`` with ``a > 0`` is
+    split into that many steps uniform in the model's timestep (``to_t``/``to_sigma``; without
+    them, uniform in log sigma); an interval starting at sigma 0 is always one step. Timesteps
+    within 1e-6 of an integer are rounded to it (the model's own timesteps). Every coarse point is
     kept exactly; ``fine[coarse_positions[i]] == coarse[i]``.
     """
     coarse = torch.as_tensor(coarse, dtype=torch.float32).flatten()
@@ -52,21 +78,26 @@ def subdivide_schedule(
         raise ValueError("a schedule needs at least two sigmas")
     if bool((coarse[1:] <= coarse[:-1]).any()):
         raise ValueError("the schedule must be strictly ascending")
-    if substeps < 1:
+    counts = [int(substeps)] * (coarse.numel() - 1) if isinstance(substeps, (int, float)) else [int(c) for c in substeps]
+    if len(counts) != coarse.numel() - 1:
+        raise ValueError(f"{len(counts)} substep counts for {coarse.numel() - 1} intervals")
+    if min(counts) < 1:
         raise ValueError("substeps must be >= 1")
     points = [coarse[0:1]]
     positions = [0]
     for i in range(coarse.numel() - 1):
         a, b = coarse[i], coarse[i + 1]
-        if substeps > 1 and float(a) > 0.0:
+        n_sub = counts[i]
+        if n_sub > 1 and float(a) > 0.0:
             if to_t is not None and to_sigma is not None:
                 ta = to_t(a.reshape(1)).double()
                 tb = to_t(b.reshape(1)).double()
-                ts = ta + (tb - ta) * torch.linspace(0, 1, substeps + 1, dtype=torch.float64)[1:-1]
+                ts = ta + (tb - ta) * torch.linspace(0, 1, n_sub + 1, dtype=torch.float64)[1:-1]
+                ts = torch.where((ts - ts.round()).abs() < 1e-6, ts.round(), ts)
                 inner = to_sigma(ts.float()).float().flatten()
             else:
                 la, lb = torch.log(a.double()), torch.log(b.double())
-                inner = torch.exp(la + (lb - la) * torch.linspace(0, 1, substeps + 1, dtype=torch.float64)[1:-1]).float()
+                inner = torch.exp(la + (lb - la) * torch.linspace(0, 1, n_sub + 1, dtype=torch.float64)[1:-1]).float()
             inner = inner[(inner > a) & (inner < b)]
             inner = torch.unique(inner)  # sorted ascending
             points.append(inner)
@@ -83,7 +114,7 @@ def ddim_invert(
     keep: Optional[Iterable[int]] = None,
     callback: Optional[Callable[[int, int], None]] = None,
 ) -> dict[int, torch.Tensor]:
-    """Invert ``x0`` (at ``sigmas[0]``, normally 0) up an ascending schedule.
+    """Invert ``x0`` (the latent at ``sigmas[0]``) up an ascending schedule.
 
     Returns ``{i: latent at sigmas[i]}`` for every ``i`` in ``keep`` (default: only the last).
     ``callback(step, total)`` is called after every step.
@@ -200,7 +231,85 @@ def step_index(sigma: float, sample_sigmas: torch.Tensor) -> int:
 
 
 def injection_steps(n_steps: int, share: float) -> int:
-    """How many of the first steps get injection: ``int(n_steps * share)`` as the official code."""
+    """How many of the first steps get injection: ``int(n_steps * share)`` exactly as the official
+    ``pnp.py`` (Python float product, truncated: ``int(100 * 0.29) == 28``)."""
     if share <= 0.0:
         return 0
-    return min(n_steps, int(n_steps * share + 1e-9))
+    return max(0, min(n_steps, int(n_steps * share)))
+
+
+def schedule_offset(run_sigmas, traj_sigmas, rtol: float = 1e-5) -> Optional[int]:
+    """Where a sampling run's sigmas sit on the trajectory's schedule, or None when they do not.
+
+    Accepted: ``run_sigmas[:-1]`` are consecutive points of ``traj_sigmas`` starting at the
+    returned index, and the last sigma is either the next point or 0 (a run that ends early with
+    ``force_full_denoise``, or a sampler that drops the penultimate sigma). Anything else (another
+    scheduler, step count, denoise < 1) is off the schedule.
+    """
+    run = [float(s) for s in torch.as_tensor(run_sigmas).flatten().cpu()]
+    traj = [float(s) for s in torch.as_tensor(traj_sigmas).flatten().cpu()]
+    if len(run) < 2:
+        return None
+
+    def same(a: float, b: float) -> bool:
+        return abs(a - b) <= rtol * max(abs(a), abs(b), 1e-8)
+
+    starts = [j for j, s in enumerate(traj[:-1]) if same(s, run[0])]
+    if not starts:
+        return None
+    j = starts[0]
+    body = run[:-1]
+    if j + len(body) > len(traj) - 1:
+        return None
+    if not all(same(a, traj[j + k]) for k, a in enumerate(body)):
+        return None
+    last = run[-1]
+    if same(last, traj[j + len(body)]) or last == 0.0:
+        return j
+    return None
+
+
+def describe_sigmas(sigmas, head: int = 3) -> str:
+    """``[14.61, 10.86, 8.13, ... 0.0292, 0]`` (n steps): a short, readable schedule."""
+    v = [float(s) for s in torch.as_tensor(sigmas).flatten().cpu()]
+
+    def f(x: float) -> str:
+        return "0" if x == 0 else f"{x:.4g}"
+
+    if len(v) <= 2 * head + 1:
+        body = ", ".join(f(x) for x in v)
+    else:
+        body = ", ".join(f(x) for x in v[:head]) + ", ..., " + ", ".join(f(x) for x in v[-2:])
+    return f"[{body}] ({len(v) - 1} steps)"
+
+
+# Samplers whose extra model evaluations within step i land exactly on later schedule sigmas
+# (comfy/k_diffusion/sampling.py): by sigma alone they would look like the next step's call.
+def evaluation_plan(sampler_name: str, run_sigmas) -> Optional[list[tuple[float, int]]]:
+    """The (sigma, step) of every model evaluation of a run, for samplers that need it, else None.
+
+    ``heun``: step i evaluates at sigma_i and, unless sigma_{i+1} is 0, at sigma_{i+1}.
+    ``heunpp2``: at sigma_i, then sigma_{i+1} unless it is the last sigma, then sigma_{i+2} unless
+    that is. Both extra evaluations belong to step i (the step they started in).
+    """
+    sig = [float(s) for s in torch.as_tensor(run_sigmas).flatten().cpu()]
+    n = len(sig) - 1
+    plan: list[tuple[float, int]] = []
+    name = sampler_name.removeprefix("sample_")
+    if name == "heun":
+        for i in range(n):
+            plan.append((sig[i], i))
+            if sig[i + 1] != 0:
+                plan.append((sig[i + 1], i))
+        return plan
+    if name == "heunpp2":
+        end = sig[-1]
+        for i in range(n):
+            plan.append((sig[i], i))
+            if sig[i + 1] == end:
+                continue
+            plan.append((sig[i + 1], i))
+            if sig[i + 2] != end:
+                plan.append((sig[i + 2], i))
+        return plan
+    return None

@@ -3,8 +3,12 @@
 How one sampling run works (see docs/pnp.md):
 
 - ``PnPSampleWrapper`` (OUTER_SAMPLE) validates the run against the source (latent size, batch,
-  model family) and puts a fresh ``PnPRun`` into the run's own ``transformer_options``; the run's
-  model options are restored in ``finally``, so nothing survives the run.
+  model family, no added noise, sigmas on the inversion's schedule) and puts a fresh ``PnPRun`` into
+  the run's own ``transformer_options``; the run's model options are restored in ``finally``, so
+  nothing survives the run.
+- ``PnPPredictNoiseWrapper`` (PREDICT_NOISE, once per model evaluation) records which step of the
+  source trajectory the evaluation belongs to (absolute step: a split run counts as one run; a
+  second evaluation inside a step belongs to the step it started).
 - ``PnPApplyModelWrapper`` (APPLY_MODEL) decides per model call whether the current step is inside
   an injection window. Outside both windows it calls the model with exactly the batch it was given.
   Inside, it appends one source chunk (the source latent at the current sigma, with the source's
@@ -33,7 +37,14 @@ import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
 
-from .ddim_inversion import SourceTrajectory, injection_steps, step_index
+from .ddim_inversion import (
+    SourceTrajectory,
+    describe_sigmas,
+    evaluation_plan,
+    injection_steps,
+    schedule_offset,
+    step_index,
+)
 
 log = logging.getLogger(__name__)
 
@@ -261,17 +272,32 @@ class AttentionInjection:
 
 # ---- per-run state and the wrappers ---------------------------------------------------------------
 
+def _same_sigma(a: float, b: float, rtol: float = 1e-5) -> bool:
+    return abs(a - b) <= rtol * max(abs(a), abs(b), 1e-8)
+
+
 @dataclass
 class PnPRun:
-    """State of one sampling run (built in OUTER_SAMPLE, gone after it)."""
+    """State of one sampling run (built in OUTER_SAMPLE, gone after it).
+
+    ``offset``: the trajectory step of the run's first sigma (0 for a whole run, k for a run that
+    starts at ``start_at_step`` k or a SplitSigmas low half). ``plan``: the (sigma, run step) of
+    every model evaluation for samplers whose extra evaluations land on later schedule sigmas
+    (``evaluation_plan``). ``current``: (sigma, trajectory step) of the evaluation in progress.
+    """
 
     source: Any  # PnPSource
     feature_share: float
     attention_share: float
+    offset: int = 0
+    plan: Optional[list] = None
+    plan_pos: int = 0
+    current: Optional[tuple] = None
     trajectory: Optional[SourceTrajectory] = None
     kwargs_cache: dict = field(default_factory=dict)
     warned: set = field(default_factory=set)
     calls_injected: int = 0
+    steps_injected: list = field(default_factory=list)
 
     def warn_once(self, key: str, msg: str, *args) -> None:
         if key not in self.warned:
@@ -283,11 +309,29 @@ class PnPRun:
             self.trajectory = self.source.trajectory.to(device)
         return self.trajectory
 
-    def windows(self, sigma: float, sample_sigmas) -> tuple[bool, bool]:
-        if sample_sigmas is None:
-            sample_sigmas = self.source.trajectory.sigmas
-        n = max(len(sample_sigmas) - 1, 1)
-        i = step_index(sigma, sample_sigmas)
+    def begin_evaluation(self, sigma: float) -> int:
+        """Record the trajectory step of a model evaluation at ``sigma`` and return it."""
+        step = None
+        if self.plan is not None and self.plan_pos < len(self.plan):
+            planned_sigma, planned_step = self.plan[self.plan_pos]
+            if _same_sigma(planned_sigma, sigma):
+                step = self.offset + planned_step
+                self.plan_pos += 1
+        if step is None:
+            step = step_index(sigma, self.source.trajectory.sigmas)
+        self.current = (sigma, step)
+        return step
+
+    def step_of(self, sigma: float) -> int:
+        if self.current is not None and _same_sigma(self.current[0], sigma):
+            return self.current[1]
+        return step_index(sigma, self.source.trajectory.sigmas)
+
+    def windows(self, sigma: float) -> tuple[bool, bool]:
+        """(features, attention) for a call at ``sigma``: the trajectory step (absolute, as the
+        official compares absolute timesteps) against ``int(n * share)`` of the trajectory's n steps."""
+        n = max(self.source.trajectory.sigmas.numel() - 1, 1)
+        i = self.step_of(sigma)
         return i < injection_steps(n, self.feature_share), i < injection_steps(n, self.attention_share)
 
 
@@ -323,15 +367,22 @@ class PnPApplyModelWrapper:
         if run is None:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         sigma = float(t.flatten()[0])
-        features, attention = run.windows(sigma, transformer_options.get("sample_sigmas"))
+        features, attention = run.windows(sigma)
         if not (features or attention):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        if run.source.trajectory.index_of(sigma) is None:
+            run.warn_once("chord", "PlugKitPnPInject: the sampler evaluates the model at sigma %.5g, between the "
+                          "inversion's sigmas (a two-stage sampler such as dpm_2, dpmpp_2s_ancestral, dpmpp_sde); "
+                          "there the source latent is interpolated on the chord between its neighbours (exact "
+                          "only when each step was inverted in one evaluation). ddim, euler, heun, dpmpp_2m, "
+                          "uni_pc evaluate only on the schedule.", sigma)
         extended = self._extend(run, x, t, c_concat, c_crossattn, control, transformer_options, kwargs)
         if extended is None:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         x2, t2, c_concat2, c_crossattn2, control2, options2, kwargs2, index = extended
         n = x.shape[0]
         run.calls_injected += 1
+        run.steps_injected.append((run.step_of(sigma), features, attention))
         with call_scope(InjectionCall(n_total=x2.shape[0], index=index, features=features, attention=attention)):
             out = executor(x2, t2, c_concat2, c_crossattn2, control2, options2, **kwargs2)
         return out[:n]
@@ -398,6 +449,50 @@ class PnPApplyModelWrapper:
         return x2, t2, c_concat2, c_crossattn2, _pad_control(control, chunk), options2, kwargs2, index
 
 
+class PnPPredictNoiseWrapper:
+    """PREDICT_NOISE wrapper: one call per model evaluation; records its trajectory step."""
+
+    def __repr__(self) -> str:
+        return "PnPPredictNoiseWrapper()"
+
+    def __call__(self, executor, x, timestep, model_options={}, seed=None):
+        run: Optional[PnPRun] = model_options.get("transformer_options", {}).get(RUN_KEY)
+        if run is None:
+            return executor(x, timestep, model_options, seed)
+        run.begin_evaluation(float(timestep.flatten()[0]))
+        try:
+            return executor(x, timestep, model_options, seed)
+        finally:
+            run.current = None
+
+
+def check_schedule(source, noise: torch.Tensor, sigmas, node: str) -> int:
+    """The run's offset on the source trajectory, or a clear error when the run leaves it."""
+    traj = source.trajectory
+    fix = (f"sample with scheduler '{source.scheduler}' and {source.steps} steps (KSamplerAdvanced: add_noise "
+           f"disable, start_at_step 0; KSampler always adds noise; dpm_2, dpm_2_ancestral, uni_pc and uni_pc_bh2 "
+           f"drop a sigma there), or connect the sampler's SIGMAS (SamplerCustom) to PlugKitPnPInvert's 'sigmas' "
+           f"input so the source is inverted on exactly them")
+    if source.scheduler == "custom SIGMAS":
+        fix = ("sample with the SIGMAS that were connected to PlugKitPnPInvert (SamplerCustom, add_noise off), or "
+               "connect the sampler's own SIGMAS there")
+    if noise is not None and torch.is_tensor(noise) and bool(torch.count_nonzero(noise)):
+        raise ValueError(
+            f"{node}: the sampler adds noise to the inverted latent (KSampler, or add_noise enabled), so the run "
+            f"leaves the source's trajectory and the injected features belong to another image. Fix: "
+            f"KSamplerAdvanced with add_noise 'disable' (SamplerCustom: add_noise off)."
+        )
+    sig = torch.as_tensor(sigmas).detach().float().cpu().flatten()
+    offset = schedule_offset(sig, traj.sigmas)
+    if offset is None:
+        raise ValueError(
+            f"{node}: the sampler's sigmas {describe_sigmas(sig)} are not on the schedule 'pnp_source' was "
+            f"inverted on ({source.scheduler}: {describe_sigmas(traj.sigmas)}); the source latents exist only at "
+            f"the inversion's sigmas. Fix: {fix}."
+        )
+    return offset
+
+
 class PnPSampleWrapper:
     """OUTER_SAMPLE wrapper: validates the run and owns its state (reset in ``finally``)."""
 
@@ -411,15 +506,22 @@ class PnPSampleWrapper:
 
     def __call__(self, executor, *args, **kwargs):
         guider = executor.class_obj
-        noise = args[0]
-        self.source.check_run(tuple(noise.shape), "PlugKitPnPInject")
+        names = ("noise", "latent_image", "sampler", "sigmas")
+        got = {name: (args[i] if len(args) > i else kwargs.get(name)) for i, name in enumerate(names)}
+        noise = got["noise"]
+        node = "PlugKitPnPInject"
+        self.source.check_run(tuple(noise.shape), node)
+        offset = check_schedule(self.source, noise, got["sigmas"], node)
+        sampler_fn = getattr(got["sampler"], "sampler_function", None)
+        plan = evaluation_plan(getattr(sampler_fn, "__name__", ""), got["sigmas"])
         orig_model_options = guider.model_options
         try:
             guider.model_options = comfy.model_patcher.create_model_options_clone(orig_model_options)
-            run = PnPRun(self.source, self.feature_share, self.attention_share)
+            run = PnPRun(self.source, self.feature_share, self.attention_share, offset=offset, plan=plan)
             guider.model_options.setdefault("transformer_options", {})[RUN_KEY] = run
             out = executor(*args, **kwargs)
-            log.debug("PlugKitPnPInject: %d model calls ran the source branch", run.calls_injected)
+            log.debug("%s: %d model calls ran the source branch (steps %s)", node, run.calls_injected,
+                      sorted({s for s, _, _ in run.steps_injected}))
             return out
         finally:
             guider.model_options = orig_model_options
@@ -441,6 +543,7 @@ def install(m, source, feature_share: float, attention_share: float,
                 m.set_model_attn1_replace(AttentionInjection(previous), "output", i, j)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
                            PnPSampleWrapper(source, feature_share, attention_share))
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY, PnPPredictNoiseWrapper())
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, PnPApplyModelWrapper())
 
 

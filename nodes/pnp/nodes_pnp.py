@@ -8,6 +8,7 @@ code is written from the paper and that code, not copied. The math lives in ``dd
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable
 
 import torch
@@ -20,7 +21,14 @@ import comfy.utils
 
 from ..comfy_io import io, ui
 from . import injection as inj
-from .ddim_inversion import SourceTrajectory, ddim_invert, subdivide_schedule, substeps_for
+from .ddim_inversion import (
+    OFFICIAL_INVERSION_STEPS,
+    SourceTrajectory,
+    ddim_invert,
+    describe_sigmas,
+    interval_substeps,
+    subdivide_schedule,
+)
 from .feature_pca import attention_pca_image, feature_pca_image, upscale_nearest
 from .pnp_source import PnPSource
 
@@ -30,6 +38,7 @@ CATEGORY = "PlugKit/Plug-and-Play"
 PAPER = "https://arxiv.org/abs/2211.12572"
 PnPSourceType = io.Custom("PLUGKIT_PNP_SOURCE")
 DEFAULT_INVERSION_STEPS = 50  # = steps: see the reconstruction table in docs/pnp.md
+RESOLUTIONS = ("inversion_steps", "official 999")
 KINDS = ("features", "self-attention")
 
 
@@ -70,7 +79,9 @@ def timestep_warp(model_sampling):
     return to_t, to_sigma
 
 
-def _capture_source_inputs(store: dict):
+def _capture_source_inputs(store: dict, run_model: bool = True):
+    """APPLY_MODEL wrapper storing the first call's U-Net inputs (one row per item); with
+    ``run_model=False`` the model is not evaluated (a probe that only needs the inputs)."""
     def capture(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         if not store:
             chunks = max(len(transformer_options.get("cond_or_uncond", [0])), 1)
@@ -82,8 +93,63 @@ def _capture_source_inputs(store: dict):
             for key, value in kwargs.items():
                 if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == x.shape[0]:
                     store[key] = value[:rows].detach().cpu()
+        if not run_model:
+            return torch.zeros_like(x)
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     return capture
+
+
+def source_branch_inputs(model, conditioning, latent: torch.Tensor, sigma: float) -> dict:
+    """The U-Net inputs ComfyUI builds from ``conditioning`` (no model evaluation)."""
+    m = model.clone()
+    store: dict = {}
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "plugkit_pnp_capture",
+                           _capture_source_inputs(store, run_model=False))
+
+    def probe_fn(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        model_k(x, x.new_ones([x.shape[0]]) * sigma, **(extra_args or {}))
+        return x
+
+    run_custom_sampler(m, conditioning, latent, torch.tensor([float(sigma), 0.0]), probe_fn)
+    return store
+
+
+def _check_sigmas(sigmas, node: str) -> torch.Tensor:
+    s = torch.as_tensor(sigmas).detach().float().cpu().flatten()
+    if s.numel() < 2 or not bool(torch.isfinite(s).all()) or bool((s < 0).any()) or bool((s[1:] >= s[:-1]).any()):
+        raise ValueError(
+            f"{node}: input 'sigmas' must be a strictly decreasing list of at least two finite sigmas >= 0 "
+            f"(a scheduler node's SIGMAS); got {describe_sigmas(s) if s.numel() else '[]'}."
+        )
+    if float(s[-1]) > 0:
+        s = torch.cat([s, s.new_zeros(1)])  # the trajectory always ends at the clean latent
+    return s
+
+
+def inversion_schedule(model_sampling, keep_desc: torch.Tensor, inversion_steps: int, node: str = "PlugKitPnPInvert"):
+    """(ascending coarse points, fine inversion sigmas, positions of the coarse points in ``fine``).
+
+    ``keep_desc``: the sampling schedule's sigmas (descending, ending with 0). The inversion starts
+    where the official one does: the clean latent sits at ``alphas_cumprod[0]``, the model's
+    ``sigma_min`` (a schedule reaching below it starts at sigma 0). Each interval gets
+    ``interval_substeps`` steps, uniform in the model's timestep.
+    """
+    positive = keep_desc[:-1].flip(0)
+    sigma_start = float(model_sampling.sigma_min)
+    lowest = float(positive[0])
+    if abs(lowest - sigma_start) <= 1e-5 * sigma_start:
+        ascending = positive
+    elif lowest > sigma_start:
+        ascending = torch.cat([positive.new_tensor([sigma_start]), positive])
+    else:
+        log.info("%s: the schedule goes below sigma_min %.4g; inverting from sigma 0", node, sigma_start)
+        ascending = torch.cat([positive.new_zeros(1), positive])
+    to_t, to_sigma = timestep_warp(model_sampling)
+    t_points = to_t(ascending)
+    if float(ascending[0]) == 0.0:
+        t_points[0] = 0.0
+    fine, positions = subdivide_schedule(ascending, interval_substeps(t_points, inversion_steps), to_t, to_sigma)
+    return ascending, fine, positions
 
 
 class PlugKitPnPInvert(io.ComfyNode):
@@ -98,18 +164,25 @@ class PlugKitPnPInvert(io.ComfyNode):
             description=(
                 "Deterministic DDIM inversion of the source image (Plug-and-Play, Tumanyan et al. 2023). "
                 "Feed PNP_SOURCE to 'Plug-and-Play Inject' and LATENT to KSamplerAdvanced (add_noise disabled, "
-                "same steps and scheduler)."
+                "same steps and scheduler) or to SamplerCustom with the SIGMAS connected here too. "
+                "A run on other sigmas is refused."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The U-Net model (SD1.x, SD2.x or SDXL) used for inversion and sampling."),
                 io.Latent.Input("samples", tooltip="The VAE-encoded source image (VAE Encode)."),
                 io.Conditioning.Input("conditioning", tooltip="The inversion prompt. The official default is the empty prompt: CLIP Text Encode with an empty text."),
                 io.Int.Input("steps", default=50, min=1, max=1000,
-                             tooltip="Sampling steps of the run that will use this source (the official code uses 50). Use the same number in the sampler."),
+                             tooltip="Sampling steps of the run that will use this source (the official code uses 50). Use the same number in the sampler; another count is refused."),
                 io.Int.Input("inversion_steps", default=DEFAULT_INVERSION_STEPS, min=1, max=1000, optional=True,
-                             tooltip="Inversion resolution: model evaluations used to invert (rounded to a multiple of steps). More = better reconstruction, slower. The official code uses 999."),
+                             tooltip="Inversion resolution: about this many model evaluations, spread uniformly over the model's 1000 timesteps (at least one per sampling step). 50 = one per step of a 50-step run (fast). More = better reconstruction, slower. Used when inversion_resolution is 'inversion_steps'."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="ddim_uniform", optional=True,
-                               tooltip="The sampler's scheduler. ddim_uniform with the ddim sampler reproduces the official method; other schedulers work (sigmas off this schedule are interpolated)."),
+                               tooltip="The sampler's scheduler (ignored when 'sigmas' is connected). ddim_uniform with the ddim sampler and the same steps reproduces the official method; the sampler must use this scheduler and step count."),
+                io.Combo.Input("inversion_resolution", options=list(RESOLUTIONS), default=RESOLUTIONS[0], optional=True,
+                               tooltip="'official 999': invert with one step per model timestep, as the official preprocess.py (999 steps; best reconstruction, about 20x slower than 50). 'inversion_steps': use the inversion_steps input."),
+                io.Conditioning.Input("source_prompt", optional=True,
+                                      tooltip="The source branch's prompt during sampling. The official code always uses the empty prompt there: connect CLIP Text Encode with an empty text (the shipped workflow does). Unconnected: the inversion prompt (the same when that is empty, the official default)."),
+                io.Sigmas.Input("sigmas", optional=True,
+                                tooltip="Optional: the sampler's own SIGMAS (e.g. BasicScheduler into SamplerCustom). The source is then inverted exactly on them and 'steps'/'scheduler' are ignored: any scheduler, step count or denoise is exact."),
             ],
             outputs=[
                 PnPSourceType.Output(display_name="PNP_SOURCE", tooltip="The inverted source trajectory and its conditioning, for Plug-and-Play Inject and Feature Map."),
@@ -119,32 +192,51 @@ class PlugKitPnPInvert(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, samples, conditioning, steps=50, inversion_steps=DEFAULT_INVERSION_STEPS,
-                scheduler="ddim_uniform") -> io.NodeOutput:
+                scheduler="ddim_uniform", inversion_resolution=RESOLUTIONS[0], source_prompt=None,
+                sigmas=None) -> io.NodeOutput:
         node = "PlugKitPnPInvert"
         unet = inj.unet_of(model, node)
         if scheduler not in comfy.samplers.SCHEDULER_NAMES:
             raise ValueError(f"{node}: input 'scheduler' is {scheduler!r}; use one of {list(comfy.samplers.SCHEDULER_NAMES)}.")
+        if inversion_resolution not in RESOLUTIONS:
+            raise ValueError(f"{node}: input 'inversion_resolution' is {inversion_resolution!r}; use one of {list(RESOLUTIONS)}.")
         if not conditioning:
             raise ValueError(f"{node}: input 'conditioning' is empty; connect a CLIP Text Encode (empty text is the official choice).")
+        if source_prompt is not None and not source_prompt:
+            raise ValueError(f"{node}: input 'source_prompt' is empty; connect a CLIP Text Encode with an empty text, or leave it unconnected.")
         latent = samples["samples"]
         if latent.is_nested or latent.dim() != 4:
             raise ValueError(f"{node}: input 'samples' must be an image latent (batch, channels, height, width); got {tuple(latent.shape)}.")
         if latent.shape[-1] < 16 or latent.shape[-2] < 16:
             raise ValueError(f"{node}: input 'samples' is {latent.shape[-1]}x{latent.shape[-2]} (latent); use an image of at least 128x128 px.")
+        if not bool(torch.isfinite(latent).all()):
+            raise ValueError(f"{node}: input 'samples' contains NaN or infinite values; re-encode the source image.")
         ms = model.get_model_object("model_sampling")
-        coarse = comfy.samplers.calculate_sigmas(ms, scheduler, steps).float().cpu()
+        if sigmas is not None:
+            coarse = _check_sigmas(sigmas, node)
+            schedule_name = "custom SIGMAS"
+        else:
+            coarse = comfy.samplers.calculate_sigmas(ms, scheduler, steps).float().cpu()
+            schedule_name = scheduler
         keep_desc = torch.cat([coarse[:-1][coarse[:-1] > 0], coarse.new_zeros(1)])
         if keep_desc.numel() < 2 or bool((keep_desc[1:] >= keep_desc[:-1]).any()):
-            raise ValueError(f"{node}: the {scheduler} schedule for {steps} steps is not strictly decreasing; pick another scheduler or step count.")
-        substeps = substeps_for(steps, inversion_steps)
-        fine, positions = subdivide_schedule(keep_desc.flip(0), substeps, *timestep_warp(ms))
+            raise ValueError(f"{node}: the {schedule_name} schedule for {steps} steps is not strictly decreasing; pick another scheduler or step count.")
+        n_inv = OFFICIAL_INVERSION_STEPS if inversion_resolution == "official 999" else int(inversion_steps)
+        if n_inv < 1:
+            raise ValueError(f"{node}: input 'inversion_steps' is {inversion_steps}; use at least 1.")
+        ascending, fine, positions = inversion_schedule(ms, keep_desc, n_inv, node)
+        start = float(ascending[0])
         n_fine = fine.numel() - 1
+        # trajectory points (positive sigmas, descending) and where each sits in ``fine``
+        first = 0 if ascending.numel() == keep_desc.numel() - 1 else 1
+        keep_positions = positions[first:]
 
         m = model.clone()
         captured: dict = {}
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "plugkit_pnp_capture", _capture_source_inputs(captured))
-        pbar = comfy.utils.ProgressBar(n_fine)
+        pbar = comfy.utils.ProgressBar(max(n_fine, 1))
         stored: dict = {}
+        clean: dict = {}
 
         def progress(i, total):
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -153,6 +245,7 @@ class PlugKitPnPInvert(io.ComfyNode):
         def invert_fn(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
             extra_args = extra_args or {}
             s_in = x.new_ones([x.shape[0]])
+            clean["x"] = x
 
             def eps_fn(x_lo, lo, hi):
                 k = input_scale(ms, lo, hi)
@@ -160,19 +253,30 @@ class PlugKitPnPInvert(io.ComfyNode):
                 denoised = model_k(x_in, s_in * hi, **extra_args)
                 return (x_in - denoised) / hi
 
-            stored.update(ddim_invert(x, sigmas, eps_fn, keep=positions, callback=progress))
+            # the clean latent read as the latent at ``start`` (VP input = the clean latent itself)
+            x_start = x * math.sqrt(1.0 + start * start)
+            stored.update(ddim_invert(x_start, sigmas, eps_fn, keep=positions, callback=progress))
             return stored[positions[-1]]
 
         out = run_custom_sampler(m, conditioning, latent, fine, invert_fn)
-        latents = torch.stack([stored[p].float().cpu() for p in reversed(positions)])
+        latents = torch.stack([stored[p].float().cpu() for p in reversed(keep_positions)] + [clean["x"].float().cpu()])
         trajectory = SourceTrajectory(keep_desc, latents)
+        if not bool(torch.isfinite(latents).all()):
+            raise ValueError(f"{node}: the inversion produced NaN or infinite latents; check the model and the source latent.")
+        if source_prompt is not None:
+            model_kwargs = source_branch_inputs(model, source_prompt, latent, float(keep_desc[0]))
+            source_conditioning, prompt_kind = source_prompt, "source_prompt"
+        else:
+            model_kwargs, source_conditioning, prompt_kind = captured, conditioning, "inversion prompt"
         source = PnPSource(
-            trajectory=trajectory, model_kwargs=captured, conditioning=conditioning,
-            family=inj.model_family(model), decoder_blocks=len(unet.output_blocks), scheduler=scheduler,
-            steps=int(steps), inversion_steps=int(n_fine),
+            trajectory=trajectory, model_kwargs=model_kwargs, conditioning=source_conditioning,
+            family=inj.model_family(model), decoder_blocks=len(unet.output_blocks), scheduler=schedule_name,
+            steps=int(keep_desc.numel() - 1), inversion_steps=int(n_fine),
+            extra={"source_prompt": prompt_kind, "inversion_start_sigma": start},
         )
-        log.info("%s: inverted %s with %d model evaluations (%d stored latents, %.1f MiB)",
-                 node, tuple(latent.shape), n_fine, latents.shape[0], source.nbytes() / 2**20)
+        log.info("%s: inverted %s with %d model evaluations from sigma %.4g (%d stored latents, %.1f MiB); "
+                 "source branch prompt: %s", node, tuple(latent.shape), n_fine, start, latents.shape[0],
+                 source.nbytes() / 2**20, prompt_kind)
         return io.NodeOutput(source, {"samples": out})
 
 
@@ -280,7 +384,8 @@ class PlugKitFeatureMap(io.ComfyNode):
             inj.check_blocks(unet, (), (block,), node)
 
         m = model.clone()
-        for wtype in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.APPLY_MODEL):
+        for wtype in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.PREDICT_NOISE,
+                      comfy.patcher_extension.WrappersMP.APPLY_MODEL):
             m.remove_wrappers_with_key(wtype, inj.WRAPPER_KEY)
         if kind == "features":
             key = f"diffusion_model.output_blocks.{block}.0"
