@@ -283,33 +283,28 @@ def describe_sigmas(sigmas, head: int = 3) -> str:
     return f"[{body}] ({len(v) - 1} steps)"
 
 
-# Samplers whose extra model evaluations within step i land exactly on later schedule sigmas
-# (comfy/k_diffusion/sampling.py): by sigma alone they would look like the next step's call.
-def evaluation_plan(sampler_name: str, run_sigmas) -> Optional[list[tuple[float, int]]]:
-    """The (sigma, step) of every model evaluation of a run, for samplers that need it, else None.
+# Two-stage samplers of comfy/k_diffusion/sampling.py: step i evaluates the model at sigma_i, calls
+# the step callback, then evaluates again. Some of those extra evaluations land exactly on sigma_(i+1)
+# (heun, heunpp2; dpm_2_ancestral and dpmpp_2s_ancestral at eta 1, whose midpoint between sigma_i and
+# sigma_down = sigma_(i+1)^2 / sigma_i is sigma_(i+1)), where sigma alone would count them as step i+1.
+_ONE_EXTRA = {"heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde",
+              "dpmpp_sde_gpu"}
 
-    ``heun``: step i evaluates at sigma_i and, unless sigma_{i+1} is 0, at sigma_{i+1}.
-    ``heunpp2``: at sigma_i, then sigma_{i+1} unless it is the last sigma, then sigma_{i+2} unless
-    that is. Both extra evaluations belong to step i (the step they started in).
+
+def extra_evaluations(sampler_name: str, run_sigmas) -> Optional[list[int]]:
+    """For each step of a run, how many model evaluations follow the step's callback (they belong
+    to that step); None for samplers that evaluate once per step or only strictly between sigmas.
+
+    ``heun``, ``dpm_2``, ``dpm_2_ancestral``, ``dpmpp_2s_ancestral``, ``dpmpp_sde``: one, except in a
+    step that ends at sigma 0 (Euler). ``heunpp2``: none when sigma_(i+1) is the last sigma, one
+    when sigma_(i+2) is, else two.
     """
     sig = [float(s) for s in torch.as_tensor(run_sigmas).flatten().cpu()]
     n = len(sig) - 1
-    plan: list[tuple[float, int]] = []
     name = sampler_name.removeprefix("sample_")
-    if name == "heun":
-        for i in range(n):
-            plan.append((sig[i], i))
-            if sig[i + 1] != 0:
-                plan.append((sig[i + 1], i))
-        return plan
+    if name in _ONE_EXTRA:
+        return [0 if sig[i + 1] == 0 else 1 for i in range(n)]
     if name == "heunpp2":
         end = sig[-1]
-        for i in range(n):
-            plan.append((sig[i], i))
-            if sig[i + 1] == end:
-                continue
-            plan.append((sig[i + 1], i))
-            if sig[i + 2] != end:
-                plan.append((sig[i + 2], i))
-        return plan
+        return [0 if sig[i + 1] == end else (1 if sig[i + 2] == end else 2) for i in range(n)]
     return None

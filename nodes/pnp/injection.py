@@ -40,7 +40,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
 from .ddim_inversion import (
     SourceTrajectory,
     describe_sigmas,
-    evaluation_plan,
+    extra_evaluations,
     injection_steps,
     schedule_offset,
     step_index,
@@ -281,17 +281,20 @@ class PnPRun:
     """State of one sampling run (built in OUTER_SAMPLE, gone after it).
 
     ``offset``: the trajectory step of the run's first sigma (0 for a whole run, k for a run that
-    starts at ``start_at_step`` k or a SplitSigmas low half). ``plan``: the (sigma, run step) of
-    every model evaluation for samplers whose extra evaluations land on later schedule sigmas
-    (``evaluation_plan``). ``current``: (sigma, trajectory step) of the evaluation in progress.
+    starts at ``start_at_step`` k or a SplitSigmas low half). ``extra``: for two-stage samplers, the
+    number of evaluations after each step's callback (``extra_evaluations``); with it the step of
+    an evaluation is counted from the callbacks (the first ``extra[i]`` evaluations after callback
+    i belong to step i, the next one starts step i+1), otherwise it is the trajectory step of its
+    sigma. ``current``: (sigma, trajectory step) of the evaluation in progress.
     """
 
     source: Any  # PnPSource
     feature_share: float
     attention_share: float
     offset: int = 0
-    plan: Optional[list] = None
-    plan_pos: int = 0
+    extra: Optional[list] = None
+    callback_step: Optional[int] = None
+    since_callback: int = 0
     current: Optional[tuple] = None
     trajectory: Optional[SourceTrajectory] = None
     kwargs_cache: dict = field(default_factory=dict)
@@ -311,16 +314,25 @@ class PnPRun:
 
     def begin_evaluation(self, sigma: float) -> int:
         """Record the trajectory step of a model evaluation at ``sigma`` and return it."""
-        step = None
-        if self.plan is not None and self.plan_pos < len(self.plan):
-            planned_sigma, planned_step = self.plan[self.plan_pos]
-            if _same_sigma(planned_sigma, sigma):
-                step = self.offset + planned_step
-                self.plan_pos += 1
-        if step is None:
+        if self.extra is not None:
+            i = self.callback_step
+            if i is None:
+                run_step = 0
+            elif self.since_callback < (self.extra[i] if i < len(self.extra) else 0):
+                run_step = i
+            else:
+                run_step = i + 1
+            self.since_callback += 1
+            step = self.offset + run_step
+        else:
             step = step_index(sigma, self.source.trajectory.sigmas)
         self.current = (sigma, step)
         return step
+
+    def on_callback(self, i: int) -> None:
+        """The sampler's step callback: step ``i`` (of this run) made its first evaluation."""
+        self.callback_step = int(i)
+        self.since_callback = 0
 
     def step_of(self, sigma: float) -> int:
         if self.current is not None and _same_sigma(self.current[0], sigma):
@@ -493,6 +505,29 @@ def check_schedule(source, noise: torch.Tensor, sigmas, node: str) -> int:
     return offset
 
 
+CALLBACK_INDEX = 5  # CFGGuider.outer_sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, ...)
+
+
+def _with_step_callback(run: PnPRun, args: tuple, kwargs: dict):
+    """The outer_sample arguments with a callback that also tells ``run`` each finished first evaluation."""
+    args = list(args)
+    if len(args) > CALLBACK_INDEX:
+        user = args[CALLBACK_INDEX]
+    else:
+        user = kwargs.get("callback")
+
+    def callback(step, x0, x, total):
+        run.on_callback(step)
+        if user is not None:
+            return user(step, x0, x, total)
+
+    if len(args) > CALLBACK_INDEX:
+        args[CALLBACK_INDEX] = callback
+    else:
+        kwargs = dict(kwargs, callback=callback)
+    return tuple(args), kwargs
+
+
 class PnPSampleWrapper:
     """OUTER_SAMPLE wrapper: validates the run and owns its state (reset in ``finally``)."""
 
@@ -513,11 +548,13 @@ class PnPSampleWrapper:
         self.source.check_run(tuple(noise.shape), node)
         offset = check_schedule(self.source, noise, got["sigmas"], node)
         sampler_fn = getattr(got["sampler"], "sampler_function", None)
-        plan = evaluation_plan(getattr(sampler_fn, "__name__", ""), got["sigmas"])
+        extra = extra_evaluations(getattr(sampler_fn, "__name__", ""), got["sigmas"])
+        run = PnPRun(self.source, self.feature_share, self.attention_share, offset=offset, extra=extra)
+        if extra is not None:
+            args, kwargs = _with_step_callback(run, args, kwargs)
         orig_model_options = guider.model_options
         try:
             guider.model_options = comfy.model_patcher.create_model_options_clone(orig_model_options)
-            run = PnPRun(self.source, self.feature_share, self.attention_share, offset=offset, plan=plan)
             guider.model_options.setdefault("transformer_options", {})[RUN_KEY] = run
             out = executor(*args, **kwargs)
             log.debug("%s: %d model calls ran the source branch (steps %s)", node, run.calls_injected,

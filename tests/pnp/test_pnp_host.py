@@ -178,14 +178,158 @@ def test_source_branch_is_the_source_latent_with_the_source_prompt(pnp_env):
 
 # ---- samplers, batches, other patches --------------------------------------------------------
 
-@pytest.mark.parametrize("sampler,scheduler", [("euler", "karras"), ("heun", "normal")])
-def test_other_samplers_and_schedulers_use_the_trajectory(pnp_env, sampler, scheduler):
+# ---- off-schedule runs are refused, naming both schedules -----------------------------------------
+
+def _batch_sizes(env, pm_factory, run):
+    """Batch size of every U-Net call (decoder block 4's first self-attention) during ``run(pm)``."""
+    import comfy.ldm.modules.attention as attention_mod
+
+    sizes = []
+
+    def capture_attn(q, k, v, extra):
+        if extra.get("block_index", 0) == 0:
+            sizes.append((float(extra["sigmas"].flatten()[0]), q.shape[0]))
+        return attention_mod.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
+                                                 transformer_options=extra)
+
+    base = env["model"].clone()
+    base.set_model_attn1_replace(capture_attn, "output", 4, 0)
+    out = run(pm_factory(base))
+    return out, sizes
+
+
+OFF_SCHEDULE = {
+    "scheduler karras": dict(scheduler="karras"),
+    "6 steps": dict(steps=6),
+    "uni_pc drops a sigma": dict(sampler="uni_pc"),
+    "dpm_2 drops a sigma": dict(sampler="dpm_2"),
+    "denoise 0.5": dict(denoise=0.5),
+}
+
+
+@pytest.mark.parametrize("case", list(OFF_SCHEDULE))
+def test_off_schedule_runs_are_refused_naming_both_schedules(pnp_env, case):
+    env = pnp_env
+    kw = dict(OFF_SCHEDULE[case])
+    steps = kw.pop("steps", env["steps"])
+    pm = _inject(env["model"], env)
+    with pytest.raises(ValueError, match=r"PlugKitPnPInject: the sampler's sigmas \[.*\] \(\d+ steps\) are not on the "
+                                         r"schedule 'pnp_source' was inverted on \(ddim_uniform: \[.*\(5 steps\)\).*"
+                                         r"Fix: sample with scheduler 'ddim_uniform' and 5 steps.*'sigmas' input"):
+        _sample(pm, dict(env, steps=steps), **kw)
+    # the plain model runs the same settings without a word (the check belongs to the injection)
+    _sample(env["model"], dict(env, steps=steps), **kw)
+
+
+def test_a_sampler_that_adds_noise_is_refused(pnp_env):
+    from tools.models import sample
+
     env = pnp_env
     pm = _inject(env["model"], env)
-    out = _sample(pm, env, sampler=sampler, scheduler=scheduler)
-    plain = _sample(env["model"], env, sampler=sampler, scheduler=scheduler)
+    with pytest.raises(ValueError, match="PlugKitPnPInject: the sampler adds noise.*add_noise 'disable'"):
+        sample(pm, env["inverted"]["samples"], env["target_cond"], env["negative"], steps=env["steps"], cfg=3.0,
+               sampler="ddim", scheduler="ddim_uniform", add_noise=True)  # what core KSampler always does
+
+
+def _sample_custom(model, env, sigmas, sampler="euler", latent=None, cfg=3.0):
+    import comfy.sample
+    import comfy.samplers
+
+    lat = env["inverted"]["samples"] if latent is None else latent
+    return comfy.sample.sample_custom(model, torch.zeros_like(lat), cfg, comfy.samplers.sampler_object(sampler), sigmas,
+                                      env["target_cond"], env["negative"], lat, disable_pbar=True, seed=0)
+
+
+def test_sigmas_input_makes_any_schedule_exact(pnp_env):
+    """Invert on the sampler's own SIGMAS: a karras run equals the run inverted with scheduler karras."""
+    import comfy.samplers
+
+    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInvert
+
+    env = pnp_env
+    ms = env["model"].get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "karras", env["steps"])
+    by_sigmas = PlugKitPnPInvert.execute(model=env["model"], samples={"samples": env["latent"]},
+                                         conditioning=env["source_cond"], steps=99, inversion_steps=5,
+                                         scheduler="ddim_uniform", sigmas=sigmas).result
+    by_name = PlugKitPnPInvert.execute(model=env["model"], samples={"samples": env["latent"]},
+                                       conditioning=env["source_cond"], steps=env["steps"], inversion_steps=5,
+                                       scheduler="karras").result
+    assert torch.equal(by_sigmas[0].trajectory.latents, by_name[0].trajectory.latents)
+    assert by_sigmas[0].scheduler == "custom SIGMAS" and by_sigmas[0].steps == env["steps"]
+    a = _sample_custom(_inject(env["model"], dict(env, source=by_sigmas[0])), env, sigmas, latent=by_sigmas[1]["samples"])
+    b = _sample(_inject(env["model"], dict(env, source=by_name[0])), env, latent=by_name[1]["samples"], sampler="euler",
+                scheduler="karras")
+    assert torch.equal(a, b)
+    # uni_pc through SamplerCustom keeps every sigma: accepted, and on the schedule
+    out = _sample_custom(_inject(env["model"], dict(env, source=by_sigmas[0])), env, sigmas, sampler="uni_pc",
+                         latent=by_sigmas[1]["samples"])
     assert torch.isfinite(out).all()
-    assert (out - plain).abs().max() > 1e-3
+    # a schedule other than the connected SIGMAS is still refused, and the fix names the SIGMAS
+    with pytest.raises(ValueError, match="custom SIGMAS.*SIGMAS that were connected"):
+        _sample(_inject(env["model"], dict(env, source=by_sigmas[0])), env, latent=by_sigmas[1]["samples"])
+    with pytest.raises(ValueError, match="input 'sigmas' must be a strictly decreasing"):
+        PlugKitPnPInvert.execute(model=env["model"], samples={"samples": env["latent"]},
+                                 conditioning=env["source_cond"], sigmas=torch.tensor([1.0, 2.0]))
+
+
+# ---- split runs count the windows on the trajectory ------------------------------------------------
+
+def test_split_runs_inject_at_the_same_steps_as_a_single_run(pnp_env):
+    import comfy.samplers
+
+    env = pnp_env
+    ms = env["model"].get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", env["steps"])
+
+    def factory(base):
+        return _inject(base, env, 0.8, 0.6)  # 5 steps: features 0-3, attention 0-2
+
+    single, single_sizes = _batch_sizes(env, factory, lambda pm: _sample(pm, env))
+    assert [b for _, b in single_sizes] == [3, 3, 3, 3, 2]
+
+    def advanced(pm):  # KSamplerAdvanced 0-2 (leftover noise), then 2-5
+        first = _sample(pm, env, start_step=0, last_step=2, force_full_denoise=False)
+        return _sample(pm, env, latent=first, start_step=2, last_step=10000)
+
+    def split_sigmas(pm):  # SplitSigmas at step 3 into two SamplerCustom runs
+        first = _sample_custom(pm, env, sigmas[:4])
+        return _sample_custom(pm, env, sigmas[3:], latent=first)
+
+    for run in (advanced, split_sigmas):
+        out, sizes = _batch_sizes(env, factory, run)
+        assert sizes == single_sizes, run.__name__  # same sigmas, same injected steps
+        assert _rel(out, single) <= 1e-5, (run.__name__, _rel(out, single))
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2s_ancestral"])
+def test_a_second_evaluation_belongs_to_the_step_it_started(pnp_env, sampler):
+    """Heun evaluates step i at sigma_i and again at sigma_(i+1); dpmpp_2s_ancestral (eta 1) at the
+    midpoint of sigma_i and sigma_(i+1)^2/sigma_i, which is sigma_(i+1) too: both belong to step i
+    (by sigma alone the second would count as step i+1 and end the window one evaluation early)."""
+    env = pnp_env
+    _, sizes = _batch_sizes(env, lambda base: _inject(base, env, 0.4, 0.4), lambda pm: _sample(pm, env, sampler=sampler))
+    sig = [float(s) for s in env["source"].trajectory.sigmas]
+    # steps 0..4; steps 0-1 injected: evaluations s0, s1 | s1, s2 | s2, s3 | s3, s4 | s4 (last: Euler to 0)
+    assert [s for s, _ in sizes] == pytest.approx([sig[0], sig[1], sig[1], sig[2], sig[2], sig[3], sig[3], sig[4], sig[4]],
+                                                  rel=1e-5)
+    assert [b for _, b in sizes] == [3, 3, 3, 3, 2, 2, 2, 2, 2]
+
+
+def test_intermediate_sigmas_are_interpolated_with_a_warning(pnp_env, caplog):
+    env = pnp_env
+    import comfy.samplers
+
+    ms = env["model"].get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", env["steps"])
+    with caplog.at_level("WARNING", logger="plugkit.nodes.pnp.injection"):
+        out = _sample_custom(_inject(env["model"], env), env, sigmas, sampler="dpm_2")  # midpoint evaluations
+    assert torch.isfinite(out).all()
+    assert any("between the inversion's sigmas" in r.getMessage() for r in caplog.records)
 
 
 def test_batch_of_two_shares_a_single_source(pnp_env):

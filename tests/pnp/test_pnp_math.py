@@ -203,3 +203,55 @@ def test_upscale_nearest():
     img = torch.arange(4.0).reshape(2, 2, 1)
     up = upscale_nearest(img, 2)
     assert up.shape == (4, 4, 1) and float(up[1, 1, 0]) == 0.0 and float(up[3, 3, 0]) == 3.0
+
+
+# ---- official parity helpers -----------------------------------------------------------------
+
+def test_injection_steps_truncate_like_the_official_code():
+    # pnp.py: int(n_timesteps * pnp_f_t) on Python floats, no rounding: 100 * 0.29 = 28.999999999999996
+    assert injection_steps(100, 0.29) == 28 == int(100 * 0.29)
+    assert injection_steps(10, 0.65) == 6 and injection_steps(10, 0.35) == 3
+    assert injection_steps(50, 0.65) == 32 and injection_steps(50, 0.35) == 17
+
+
+def test_interval_substeps_are_uniform_in_timestep():
+    from plugkit.nodes.pnp.ddim_inversion import interval_substeps
+
+    ddim_uniform_50 = [0, 1] + list(range(21, 1000, 20))  # sigma_min, then 1, 21, ..., 981
+    assert interval_substeps(ddim_uniform_50, 999) == [1] + [20] * 49  # one step per model timestep
+    assert interval_substeps(ddim_uniform_50, 50) == [1] * 50  # one step per sampling step
+    assert interval_substeps([0, 1, 201, 401, 601, 801], 20) == [1, 4, 4, 4, 4]
+    with pytest.raises(ValueError):
+        interval_substeps([0, 1], 0)
+
+
+def test_subdivide_takes_one_count_per_interval_and_rounds_timesteps():
+    fine, pos = subdivide_schedule(COARSE, [1, 1, 3, 1, 2])
+    assert pos == [0, 1, 2, 5, 6, 8] and torch.equal(fine[pos], COARSE)
+    with pytest.raises(ValueError):
+        subdivide_schedule(COARSE, [1, 2])
+
+
+def test_schedule_offset_accepts_runs_on_the_trajectory_only():
+    from plugkit.nodes.pnp.ddim_inversion import schedule_offset
+
+    traj = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0])
+    assert schedule_offset(traj, traj) == 0
+    assert schedule_offset(torch.tensor([10.0, 5.0, 2.0]), traj) == 0  # first half of a split run
+    assert schedule_offset(torch.tensor([2.0, 1.0, 0.0]), traj) == 2  # second half: absolute offset
+    assert schedule_offset(torch.tensor([5.0, 2.0, 0.0]), traj) == 1  # ends early at 0 (force_full_denoise)
+    assert schedule_offset(torch.tensor([10.0, 5.0, 2.0 * (1 + 1e-6), 1.0, 0.0]), traj) == 0  # float tolerance
+    for off in ([10.0, 6.0, 2.0, 1.0, 0.0], [10.0, 2.0, 1.0, 0.0], [12.0, 5.0, 0.0], [10.0], [10.0, 5.0, 3.0]):
+        assert schedule_offset(torch.tensor(off), traj) is None, off
+
+
+def test_extra_evaluations_of_two_stage_samplers():
+    from plugkit.nodes.pnp.ddim_inversion import describe_sigmas, extra_evaluations
+
+    sig = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0])
+    assert extra_evaluations("sample_heun", sig) == [1, 1, 1, 0]
+    assert extra_evaluations("sample_dpmpp_2s_ancestral", sig) == [1, 1, 1, 0]
+    assert extra_evaluations("sample_heunpp2", sig) == [2, 2, 1, 0]
+    assert extra_evaluations("sample_euler", sig) is None and extra_evaluations("", sig) is None
+    assert describe_sigmas(sig) == "[10, 5, 2, 1, 0] (4 steps)"
+    assert describe_sigmas(torch.linspace(10, 0, 11)) == "[10, 9, 8, ..., 1, 0] (10 steps)"
