@@ -3,7 +3,7 @@
 ``python -m tools.workflows_pnp``. Writes
 - ``workflows/input/pnp_source.png``: a small test picture (drawn here, 128x128);
 - ``workflows/pnp_sd15.json`` (UI format): LoadImage -> VAEEncode -> PlugKitPnPInvert (empty
-  prompt) -> PlugKitPnPInject -> KSamplerAdvanced (ddim, ddim_uniform, add_noise disabled) with a
+  prompt for the inversion and the source branch) -> PlugKitPnPInject -> KSamplerAdvanced (ddim, ddim_uniform, add_noise disabled) with a
   target and a negative prompt -> VAEDecode -> SaveImage, plus a PlugKitFeatureMap preview.
 
 The workflow builder needs the server's /object_info, so this starts the real server once.
@@ -49,7 +49,8 @@ def build(info: dict):
     enc = wf.add("VAEEncode", pixels=src[0], vae=ckpt[2])
     empty = wf.add("CLIPTextEncode", title="Inversion prompt (empty, as the official code)", clip=ckpt[1], text="")
     inv = wf.add("PlugKitPnPInvert", model=ckpt[0], samples=enc[0], conditioning=empty[0], steps=STEPS,
-                 inversion_steps=STEPS, scheduler="ddim_uniform")
+                 inversion_steps=STEPS, scheduler="ddim_uniform", inversion_resolution="inversion_steps",
+                 source_prompt=empty[0])  # the source branch's prompt: empty, as the official code
     inj = wf.add("PlugKitPnPInject", model=ckpt[0], pnp_source=inv[0], feature_injection=0.8,
                  attention_injection=0.5, feature_blocks="", attention_blocks="")
     pos = wf.add("CLIPTextEncode", title="Target prompt", clip=ckpt[1],

@@ -291,15 +291,16 @@ class PlugKitPnPInject(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "While sampling, the source runs in the same batch; its decoder ResBlock features and self-attention "
-                "q/k replace the target's during the first steps (Plug-and-Play). Works with any sampler, CFG and other patches."
+                "q/k replace the target's during the first steps (Plug-and-Play). Works with ComfyUI's CFG and other patches; "
+                "the sampler must run on the inversion's sigmas without added noise (checked: other runs are refused)."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The U-Net model to sample with (same family as the one used for inversion)."),
                 PnPSourceType.Input("pnp_source", tooltip="From Plug-and-Play Invert."),
                 io.Float.Input("feature_injection", default=0.8, min=0.0, max=1.0, step=0.01,
-                               tooltip="Share of the first sampling steps whose decoder ResBlock features are injected (official 0.8). Higher keeps more structure."),
+                               tooltip="Share of the first sampling steps whose decoder ResBlock features are injected: the first int(steps x share) steps of the source's schedule, counted across split runs (official 0.8). Higher keeps more structure."),
                 io.Float.Input("attention_injection", default=0.5, min=0.0, max=1.0, step=0.01,
-                               tooltip="Share of the first sampling steps whose self-attention q and k are injected (official 0.5). Higher keeps more layout and appearance."),
+                               tooltip="Share of the first sampling steps whose self-attention q and k are injected: the first int(steps x share) steps of the source's schedule (official 0.5). Higher keeps more layout and appearance."),
                 io.String.Input("feature_blocks", default="", optional=True,
                                 tooltip="Experts: decoder (output) blocks whose first ResBlock is injected, e.g. '4' or '4, 5'. Empty: family default (SD1.x/2.x: 4, SDXL: 1)."),
                 io.String.Input("attention_blocks", default="", optional=True,
@@ -353,7 +354,7 @@ class PlugKitFeatureMap(io.ComfyNode):
                 io.Int.Input("block", default=-1, min=-1, max=11,
                              tooltip="Decoder (output) block. -1: the family's injected feature block (SD1.x/2.x: 4, SDXL: 1)."),
                 io.Int.Input("step", default=0, min=0, max=1000,
-                             tooltip="Sampling step of the source's schedule (0 = the noisiest, where injection starts)."),
+                             tooltip="Sampling step of the source's schedule (0 = the noisiest, where injection starts). Rendered with the source branch's prompt."),
                 io.Combo.Input("kind", options=list(KINDS), default="features",
                                tooltip="features: the block's first ResBlock residual features (what is injected). self-attention: the rows of its first self-attention map (head average)."),
             ],

@@ -39,12 +39,18 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def off_env(comfy):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield build_env()
+    torch.set_num_threads(before)
+
+
+def build_env() -> dict:
+    """The float64 tiny model, source latent and prompts (also used to measure the docs' figures)."""
     import comfy.model_management
 
     from tools.models import build_model, random_conditioning
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     model = build_model(seed=0, dtype=DT)
     comfy.model_management.load_models_gpu([model])
 
@@ -64,8 +70,7 @@ def off_env(comfy):
         "cache": {},
     }
     env["latent"] = model.model.process_latent_in(env["raw"])  # the official posterior mean x 0.18215
-    yield env
-    torch.set_num_threads(before)
+    return env
 
 
 def _ours_inverted(env, steps, inversion_prompt, source_prompt):
