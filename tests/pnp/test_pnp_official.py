@@ -13,13 +13,14 @@ step's ``pred_original_sample``; the inversion with every latent the official sa
 Precision. Both sides run the U-Net in float64 (ComfyUI keeps latents in float32). In float32 the
 official loop alone moves by 7.6e-5 between float32 and float64 and by 3.3e-5 between 1 and 2 CPU
 threads (measured, 10 steps): a 1e-5 test would measure rounding, not the method. In float64 ours
-is within 4.2e-6 (10 steps, 0.8/0.5).
+is within 4.0e-6 to 5.9e-6 of it (measured at every setting below; 16x16 latent).
 
 Can it fail? ``test_negative_controls_are_far_outside_the_tolerance`` runs the official loop with
 the windows moved by one step (both directions) and with the old first inversion step (clean
-latent at sigma 0): each is > 1e-2 away from ours. Proved once by breaking our code (2026-12-01):
-``injection_steps`` returning ``int(n * share) + 1`` fails ``test_matches_official`` at every
-setting, and starting the inversion at sigma 0 fails it too (both ~1e-1 relative).
+latent at sigma 0): 0.098, 0.103 and 0.214 away from ours (must be > 1e-2). Proved once by
+breaking our code (2026-12-01): ``injection_steps`` returning ``int(n * share) + 1`` fails
+``test_matches_official`` at 10 steps with 0.098 (0.8/0.5) and 0.147 (0.65/0.35); starting the
+inversion at sigma 0 fails its inversion check with 4.2e-2.
 """
 from __future__ import annotations
 
