@@ -99,9 +99,21 @@ def _capture_source_inputs(store: dict, run_model: bool = True):
     return capture
 
 
+PNP_WRAPPER_TYPES = (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.PREDICT_NOISE,
+                     comfy.patcher_extension.WrappersMP.APPLY_MODEL)
+
+
+def plain_clone(model):
+    """A clone without PlugKitPnPInject's wrappers (inversion and probes are not PnP runs)."""
+    m = model.clone()
+    for wtype in PNP_WRAPPER_TYPES:
+        m.remove_wrappers_with_key(wtype, inj.WRAPPER_KEY)
+    return m
+
+
 def source_branch_inputs(model, conditioning, latent: torch.Tensor, sigma: float) -> dict:
     """The U-Net inputs ComfyUI builds from ``conditioning`` (no model evaluation)."""
-    m = model.clone()
+    m = plain_clone(model)
     store: dict = {}
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "plugkit_pnp_capture",
                            _capture_source_inputs(store, run_model=False))
@@ -231,7 +243,7 @@ class PlugKitPnPInvert(io.ComfyNode):
         first = 0 if ascending.numel() == keep_desc.numel() - 1 else 1
         keep_positions = positions[first:]
 
-        m = model.clone()
+        m = plain_clone(model)
         captured: dict = {}
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "plugkit_pnp_capture", _capture_source_inputs(captured))
         pbar = comfy.utils.ProgressBar(max(n_fine, 1))
@@ -384,10 +396,7 @@ class PlugKitFeatureMap(io.ComfyNode):
         else:
             inj.check_blocks(unet, (), (block,), node)
 
-        m = model.clone()
-        for wtype in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.PREDICT_NOISE,
-                      comfy.patcher_extension.WrappersMP.APPLY_MODEL):
-            m.remove_wrappers_with_key(wtype, inj.WRAPPER_KEY)
+        m = plain_clone(model)
         if kind == "features":
             key = f"diffusion_model.output_blocks.{block}.0"
             m.add_object_patch(key, inj.FeatureInjectionResBlock(m.get_model_object(key), block))

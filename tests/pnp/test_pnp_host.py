@@ -547,3 +547,17 @@ def test_long_target_prompt_and_control_padding(pnp_env):
     padded = inj._pad_control(ctrl, 1)
     assert padded["output"][0].shape == (3, 3, 4, 4) and float(padded["output"][0][2].abs().sum()) == 0.0
     assert padded["output"][1] is None and padded["other"] == 7 and ctrl["output"][0].shape[0] == 2
+
+
+def test_invert_and_feature_map_ignore_injection_on_their_model(pnp_env):
+    """An injected model given to Invert inverts like the plain one (its schedule check is for sampling)."""
+    from plugkit.nodes.pnp.nodes_pnp import PlugKitFeatureMap, PlugKitPnPInvert
+
+    env = pnp_env
+    pm = _inject(env["model"], env)
+    src, inv = PlugKitPnPInvert.execute(model=pm, samples={"samples": env["latent"]}, conditioning=env["source_cond"],
+                                        steps=5, inversion_steps=5).result
+    assert torch.equal(src.trajectory.latents, env["source"].trajectory.latents)
+    a = PlugKitFeatureMap.execute(model=pm, pnp_source=env["source"], block=4, step=0).result[0]
+    b = PlugKitFeatureMap.execute(model=env["model"], pnp_source=env["source"], block=4, step=0).result[0]
+    assert torch.equal(a, b)
