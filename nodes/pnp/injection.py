@@ -77,6 +77,7 @@ class InjectionCall:
     features: bool = False
     attention: bool = False
     observe: Optional[Callable[..., None]] = None
+    features_taken: int = 0  # feature injections that ran (0 in a window: another patch bypassed them)
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
         idx = self.index if self.index.device == t.device else self.index.to(t.device)
@@ -242,6 +243,7 @@ class FeatureInjectionResBlock(ResBlock):
             call.observe("features", self.block_id, h)
         if call.features and call.index is not None:
             h = call.take(h)
+            call.features_taken += 1
         return self.skip_connection(x) + h
 
 
@@ -395,8 +397,10 @@ class PnPApplyModelWrapper:
         n = x.shape[0]
         run.calls_injected += 1
         run.steps_injected.append((run.step_of(sigma), features, attention))
-        with call_scope(InjectionCall(n_total=x2.shape[0], index=index, features=features, attention=attention)):
+        with call_scope(InjectionCall(n_total=x2.shape[0], index=index, features=features, attention=attention)) as call:
             out = executor(x2, t2, c_concat2, c_crossattn2, control2, options2, **kwargs2)
+        if features and call.index is not None and call.features_taken == 0:
+            raise RuntimeError(bypassed_features_message(options2))
         return out[:n]
 
     @staticmethod
@@ -459,6 +463,20 @@ class PnPApplyModelWrapper:
             options2["uuids"] = list(transformer_options["uuids"]) + [SOURCE_UUID]
         index = torch.cat([n + (torch.arange(n) % chunk), torch.arange(n, n + chunk)]).to(x.device)
         return x2, t2, c_concat2, c_crossattn2, _pad_control(control, chunk), options2, kwargs2, index
+
+
+def bypassed_features_message(transformer_options: dict) -> str:
+    """Why the feature injection did not run: most likely another node's ``forward_timestep_embed_patch``
+    that handles ResBlocks itself (ComfyUI calls it instead of the block's forward)."""
+    patches = (transformer_options.get("patches") or {}).get("forward_timestep_embed_patch") or []
+    others = [f"{getattr(cls, '__name__', cls)} -> {getattr(h, '__qualname__', type(h).__name__)}"
+              for cls, h in patches if isinstance(cls, type) and issubclass(FeatureInjectionResBlock, cls)]
+    culprit = (f"another node's forward_timestep_embed_patch handles ResBlocks itself ({', '.join(others)}), "
+               "so ComfyUI never calls the block PnP patched") if others else \
+        "something replaced the patched decoder ResBlock's forward (another node's model patch)"
+    return ("PlugKitPnPInject: the feature injection did not run inside its window: " + culprit + ". "
+            "Remove that node from the model chain for PnP runs, or set feature_injection to 0 "
+            "(attention injection alone still works).")
 
 
 class PnPPredictNoiseWrapper:

@@ -561,3 +561,41 @@ def test_invert_and_feature_map_ignore_injection_on_their_model(pnp_env):
     a = PlugKitFeatureMap.execute(model=pm, pnp_source=env["source"], block=4, step=0).result[0]
     b = PlugKitFeatureMap.execute(model=env["model"], pnp_source=env["source"], block=4, step=0).result[0]
     assert torch.equal(a, b)
+
+
+# ---- other packs' patches ----------------------------------------------------------------------
+
+def test_a_resblock_embed_patch_that_bypasses_the_injection_is_reported(pnp_env):
+    """ComfyUI calls a forward_timestep_embed_patch instead of the layer's forward (and since 0.20 it
+    sees ResBlocks too): one that computes a ResBlock itself would silently switch PnP's features off."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    env = pnp_env
+    plain_blocks = []
+
+    def own_resblock(layer, x, emb, *args):  # another pack's re-implementation of the block
+        plain_blocks.append(type(layer).__name__)
+        inner = getattr(layer, "_plain", layer)
+        return inner._forward(x, emb)
+
+    def calls_the_layer(layer, x, emb, *args):  # a well-behaved wrapper
+        return layer(x, emb)
+
+    expected = _sample(_inject(env["model"], env), env)
+    good = env["model"].clone()
+    good.set_model_patch((ResBlock, calls_the_layer), "forward_timestep_embed_patch")
+    torch.testing.assert_close(_sample(_inject(good, env), env), expected, rtol=0, atol=1e-6)
+
+    bad = env["model"].clone()
+    bad.set_model_patch((ResBlock, own_resblock), "forward_timestep_embed_patch")
+    injected = _inject(bad, env)
+    try:
+        out = _sample(injected, env)
+    except RuntimeError as exc:
+        assert "forward_timestep_embed_patch handles ResBlocks itself (ResBlock -> " in str(exc)
+        assert plain_blocks and "PlugKitPnPInject" in str(exc)
+        return
+    # ComfyUI before 0.20 hands only unknown layer types to this patch: nothing can bypass PnP there.
+    assert not plain_blocks, "the patch replaced PnP's block and nothing said so"
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    pytest.skip("this ComfyUI never hands ResBlocks to forward_timestep_embed_patch (before 0.20)")
