@@ -19,13 +19,19 @@ VERSIONS = ("v2", "v1")
 
 
 def structure_map(h: torch.Tensor) -> torch.Tensor:
-    """v2's per-pixel weight in [0, 1]: channel mean, min-max normalised per sample. [B, 1, ...]."""
+    """v2's per-pixel weight in [0, 1]: channel mean, min-max normalised per sample. [B, 1, ...].
+
+    The range is taken over the last two (spatial) dims, per sample and per every other dim: for a
+    4-D map [B, C, H, W] that is the reference's per-sample range; a 5-D video map [B, C, T, H, W]
+    is normalised per frame, exactly as the same frames time-batched ([B*T, C, H, W], SVD's layout).
+    """
     mean = h.mean(1).unsqueeze(1)
-    B = mean.shape[0]
-    flat = mean.reshape(B, -1)
+    spatial = min(2, mean.dim() - 1)
+    lead = mean.shape[:mean.dim() - spatial]
+    flat = mean.reshape(*lead, -1)
     hmax = flat.max(dim=-1, keepdim=True)[0]
     hmin = flat.min(dim=-1, keepdim=True)[0]
-    shape = (B,) + (1,) * (mean.dim() - 1)
+    shape = tuple(lead) + (1,) * spatial
     spread = (hmax - hmin).view(shape)
     normalised = (mean - hmin.view(shape)) / spread
     return torch.where(spread > 0, normalised, torch.ones_like(normalised))

@@ -1,8 +1,10 @@
 """PlugKitFreeU: FreeU (Si et al., CVPR 2024; ChenyangSi/FreeU, MIT) as a ComfyUI V3 node.
 
 Glue only: reads the model's family and channel layout, resolves presets, and attaches one
-``FreeUPatch`` through ComfyUI's ``set_model_output_block_patch`` hook plus one keyed OUTER_SAMPLE
-wrapper that prepares per-run state (the sigma range of the model actually sampled) and resets it.
+``FreeUPatch`` through ComfyUI's ``set_model_output_block_patch`` hook plus two keyed wrappers:
+OUTER_SAMPLE prepares per-run state (the sigma range of the model actually sampled, and a reference to
+the run's guider in the run's own model_options) and resets it; CALC_COND_BATCH tells the patch the
+role (cond / uncond) of every conds index of that call, read from the guider's own conds.
 
 Chaining: the FreeU node closest to the sampler wins. A PlugKitFreeU replaces any FreeU already on
 its input model (an earlier PlugKitFreeU, or core FreeU / FreeU_V2) and logs what it replaced; a
@@ -11,19 +13,22 @@ core FreeU node placed after it makes this one stand aside for the run (logged).
 from __future__ import annotations
 
 import logging
+import math
 import re
+import weakref
 
 from ..comfy_io import io
 from .backbone_scaling import VERSIONS
-from .freeu_patch import APPLY_TO, THRESHOLD_MODES, FreeUPatch
-from .presets import CUSTOM, PRESET_OPTIONS, native_resolution, resolve
+from .freeu_patch import APPLY_TO, ROLES_KEY, THRESHOLD_MODES, FreeUPatch, cond_roles
+from .presets import CUSTOM, PRESET_OPTIONS, native_latent, preset_version, resolve
 
 log = logging.getLogger(__name__)
 
 NODE_ID = "PlugKitFreeU"
 WRAPPER_KEY = "plugkit_freeu"
 OUTER_SAMPLE = "outer_sample"  # comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
-LATENT_FACTOR = 8  # every U-Net family FreeU supports uses an 8x VAE
+CALC_COND_BATCH = "calc_cond_batch"  # comfy.patcher_extension.WrappersMP.CALC_COND_BATCH
+RUN_KEY = "plugkit_freeu_run"  # run-scoped transformer_options entry: {"guider": weakref, "warned": bool}
 
 
 def is_core_freeu(patch) -> bool:
@@ -79,11 +84,51 @@ def _freeu_outer_sample(executor, *args, **kwargs):
             log.warning("%s: a core FreeU node was applied after it on the same model; the later FreeU "
                         "wins, so %s is off for this run (no double application).", NODE_ID, NODE_ID)
         patch.begin_run(model_sampling, suppressed=later_core)
+    # guider.model_options is this run's own clone (CFGGuider.sample): what is set here ends with the run.
+    run_options = guider.model_options.setdefault("transformer_options", {})
+    run_options[RUN_KEY] = {"guider": weakref.ref(guider),
+                            "by_role": any(p.apply_to != "both" for _, p in ours), "warned": False}
     try:
         return executor(*args, **kwargs)
     finally:
+        run_options.pop(RUN_KEY, None)
         for _, patch in ours:
             patch.end_run()
+
+
+def _freeu_calc_cond_batch(executor, model, conds, x_in, timestep, model_options, *args, **kwargs):
+    """Hand the patch the role of every conds index of this call (see freeu_patch.cond_roles)."""
+    options = model_options.get("transformer_options")
+    run = options.get(RUN_KEY) if isinstance(options, dict) else None
+    guider = run["guider"]() if isinstance(run, dict) and run.get("guider") is not None else None
+    if guider is None or not run.get("by_role"):
+        return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
+    roles = cond_roles(conds, getattr(guider, "conds", None) or {}, getattr(guider, "original_conds", None))
+    if not run["warned"] and any(r is None for c, r in zip(conds, roles) if c is not None):
+        run["warned"] = True
+        log.warning("%s: a model pass this run uses conditioning that is not the guider's own positive or "
+                    "negative (%s); apply_to 'cond'/'uncond' leaves it unpatched (only 'both' patches it).",
+                    NODE_ID, type(guider).__name__)
+    previous = options.get(ROLES_KEY)
+    options[ROLES_KEY] = roles
+    try:
+        return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
+    finally:
+        if previous is None:
+            options.pop(ROLES_KEY, None)
+        else:
+            options[ROLES_KEY] = previous
+
+
+def _finite(name: str, value, hint: str) -> float:
+    """A float input as a finite float, or a ValueError naming the input (NaN passes ComfyUI's min/max)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"{NODE_ID}: input '{name}' must be a finite number, got {value!r}; {hint}")
+    return number
 
 
 class PlugKitFreeU(io.ComfyNode):
@@ -112,13 +157,13 @@ class PlugKitFreeU(io.ComfyNode):
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Sampling progress at which FreeU stops (1 = last step). Steps outside the range run the plain model."),
                 io.Combo.Input("preset", options=list(PRESET_OPTIONS), default=CUSTOM, optional=True,
-                               tooltip="'custom' uses b1/b2/s1/s2 above; a named preset uses the published values; 'auto' picks them by the model's family."),
+                               tooltip="'custom' uses b1/b2/s1/s2 above; a named preset uses its values ('SDXL sweep' always runs v1, the version it was tuned with); 'auto' picks the published set of SD1.x, SD2.x or SDXL base and refuses other models (refiner, SVD, upscaler...)."),
                 io.Int.Input("threshold", default=1, min=1, max=64, step=1, optional=True,
                              tooltip="Half-width of the low-frequency box scaled by s1/s2 (1 = the official 2x2 box)."),
                 io.Combo.Input("threshold_mode", options=list(THRESHOLD_MODES), default="fixed", optional=True,
                                tooltip="'fixed': the box is 'threshold' bins at every size (official). 'resolution-aware': the box grows with the image so every resolution filters the band that 'threshold' filters at the model's native resolution."),
                 io.Combo.Input("apply_to", options=list(APPLY_TO), default="both", optional=True,
-                               tooltip="Apply FreeU to the positive (cond) pass, the negative (uncond) pass, or both (official)."),
+                               tooltip="Apply FreeU to every model pass (both, official), or only to passes ComfyUI encodes as positive (cond) or negative (uncond): under DualCFGGuider cond2 counts as negative, PerpNeg's empty prompt and SAG's extra pass as uncond."),
             ],
             outputs=[io.Model.Output(tooltip="The model with FreeU attached (the input model is not modified).")],
         )
@@ -126,6 +171,16 @@ class PlugKitFreeU(io.ComfyNode):
     @classmethod
     def execute(cls, model, b1, b2, s1, s2, version="v2", start_percent=0.0, end_percent=1.0,
                 preset=CUSTOM, threshold=1, threshold_mode="fixed", apply_to="both") -> io.NodeOutput:
+        for name, value in (("b1", b1), ("b2", b2), ("s1", s1), ("s2", s2)):
+            _finite(name, value, "enter a factor such as 1.3 (1 = off).")
+        for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
+            if not 0.0 <= _finite(name, value, "enter a value from 0 to 1.") <= 1.0:
+                raise ValueError(f"{NODE_ID}: input '{name}' must be between 0 and 1, got {value!r}.")
+        if isinstance(threshold, float) and threshold.is_integer():
+            threshold = int(threshold)
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+            raise ValueError(f"{NODE_ID}: input 'threshold' must be a whole number >= 1 (1 = the official "
+                             f"2x2 box), got {threshold!r}.")
         if version not in VERSIONS:
             raise ValueError(f"{NODE_ID}: input 'version' must be one of {', '.join(VERSIONS)}, got {version!r}.")
         if start_percent > end_percent:
@@ -134,8 +189,12 @@ class PlugKitFreeU(io.ComfyNode):
         channels, names, v_pred = model_layout(model)
         (b1, b2, s1, s2), source = resolve(preset, b1, b2, s1, s2, names)
         if source != CUSTOM:
-            log.info("%s: preset %s -> b1=%s b2=%s s1=%s s2=%s", NODE_ID, source, b1, b2, s1, s2)
-        ref_h, ref_w = native_resolution(names, v_pred)
+            tuned = preset_version(source, version)
+            if tuned != version:
+                log.info("%s: preset %s was tuned with FreeU %s; running %s (version %s is ignored for it).",
+                         NODE_ID, source, tuned, tuned, version)
+                version = tuned
+            log.info("%s: preset %s -> b1=%s b2=%s s1=%s s2=%s (%s)", NODE_ID, source, b1, b2, s1, s2, version)
 
         m = model.clone()
         sigma_start = sigma_end = None
@@ -145,7 +204,7 @@ class PlugKitFreeU(io.ComfyNode):
             sigma_end = float(model_sampling.percent_to_sigma(end_percent))
         patch = FreeUPatch(channels, b1, b2, s1, s2, version=version, threshold=threshold,
                            threshold_mode=threshold_mode,
-                           reference_latent=(ref_h // LATENT_FACTOR, ref_w // LATENT_FACTOR),
+                           reference_latent=native_latent(names, v_pred),
                            apply_to=apply_to, start_percent=start_percent, end_percent=end_percent,
                            sigma_start=sigma_start, sigma_end=sigma_end)
 
@@ -164,6 +223,7 @@ class PlugKitFreeU(io.ComfyNode):
                         "settings, not applied twice.", NODE_ID, ", ".join(replaced))
         else:
             m.set_model_output_block_patch(patch)
-        m.remove_wrappers_with_key(OUTER_SAMPLE, WRAPPER_KEY)
-        m.add_wrapper_with_key(OUTER_SAMPLE, WRAPPER_KEY, _freeu_outer_sample)
+        for kind, wrapper in ((OUTER_SAMPLE, _freeu_outer_sample), (CALC_COND_BATCH, _freeu_calc_cond_batch)):
+            m.remove_wrappers_with_key(kind, WRAPPER_KEY)
+            m.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
         return io.NodeOutput(m)

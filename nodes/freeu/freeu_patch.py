@@ -2,7 +2,16 @@
 
 ComfyUI calls it before every decoder skip concat as ``patch(h, hsp, transformer_options)`` and
 concatenates what it returns. This module knows the shape of ``transformer_options`` (``sigmas``,
-``cond_or_uncond``, ``original_shape``) but imports nothing from ComfyUI, so it is tested directly.
+``cond_or_uncond``, ``uuids``, ``original_shape``) and of a guider's ``conds`` but imports nothing
+from ComfyUI, so it is tested directly.
+
+cond / uncond by role: ``cond_or_uncond`` holds, per batch chunk, the chunk's index in the list of
+conds the caller handed to ``calc_cond_batch``. That index means cond (0) / uncond (1) only for
+``sampling_function``'s ``[positive, negative]``: DualCFGGuider passes ``[negative, middle, positive]``,
+PerpNegGuider ``[positive, negative, empty]``, SAG's extra pass ``[negative]``. ``cond_roles`` maps
+each index to its role from the guider's own conds (which list it is, else its cond uuids), and a
+role is what ComfyUI encodes that cond as (``prompt_type``: the cond's own, else its key, as in
+``samplers.encode_model_conds``): ``positive`` -> cond, ``negative`` -> uncond.
 
 Stages are found by the backbone's channel count: ``4 * model_channels`` gets (b1, s1) and
 ``2 * model_channels`` gets (b2, s2) -- the official rule, valid for every SD-style U-Net.
@@ -18,7 +27,52 @@ from .fourier_filter import fourier_filter_any_device, resolution_threshold
 
 APPLY_TO = ("both", "cond", "uncond")
 THRESHOLD_MODES = ("fixed", "resolution-aware")
-_WANT = {"cond": 0, "uncond": 1}  # ComfyUI's cond_or_uncond codes
+ROLES_KEY = "plugkit_freeu_roles"  # transformer_options key: role per calc_cond_batch conds index
+_STANDARD_ROLES = ("cond", "uncond")  # sampling_function's [positive, negative]: used when no roles are given
+
+
+def key_role(key: str, conds) -> str | None:
+    """The role of a guider's conds list: what ComfyUI encodes it as (``prompt_type``, else the key)."""
+    types = {c.get("prompt_type", key) if isinstance(c, dict) else key for c in (conds or [])} or {key}
+    if types == {"positive"}:
+        return "cond"
+    if types == {"negative"}:
+        return "uncond"
+    return None
+
+
+def cond_roles(conds: list, guider_conds: dict, original_conds: dict | None = None) -> list:
+    """Role (``"cond"``, ``"uncond"`` or None = unknown) of each entry of a ``calc_cond_batch`` conds list.
+
+    ``guider_conds``: the guider's processed conds by key (``guider.conds``) -- a list passed as is is
+    recognised by identity. ``original_conds``: its conds before processing (``guider.original_conds``),
+    whose explicit ``prompt_type`` decides the key's role. A list that is neither (a copy, a context
+    window) is matched by cond uuids; a cond that is not the guider's own (the deprecated PerpNeg
+    node's empty prompt) is unknown.
+    """
+    original_conds = original_conds or {}
+    roles_by_key = {k: key_role(k, original_conds.get(k, v)) for k, v in guider_conds.items()}
+    by_id = {id(v): k for k, v in guider_conds.items() if isinstance(v, list)}
+    uuids_by_key = {k: {c.get("uuid") for c in v if isinstance(c, dict)} for k, v in guider_conds.items()
+                    if isinstance(v, list)}
+    roles = []
+    for entry in conds:
+        if entry is None:
+            roles.append(None)
+            continue
+        key = by_id.get(id(entry))
+        if key is None and entry:
+            wanted = {c.get("uuid") for c in entry if isinstance(c, dict)}
+            matches = [k for k, have in uuids_by_key.items() if None not in wanted and wanted <= have]
+            key = matches[0] if len(matches) == 1 else None
+        roles.append(roles_by_key.get(key))
+    return roles
+
+
+def chunk_role(code, roles) -> str | None:
+    """Role of one batch chunk from its ``cond_or_uncond`` code (its index in the conds list)."""
+    table = _STANDARD_ROLES if roles is None else roles
+    return table[code] if isinstance(code, int) and 0 <= code < len(table) else None
 
 
 class FreeUPatch:
@@ -37,9 +91,10 @@ class FreeUPatch:
                  start_percent: float = 0.0, end_percent: float = 1.0,
                  sigma_start: float | None = None, sigma_end: float | None = None):
         if apply_to not in APPLY_TO:
-            raise ValueError(f"PlugKitFreeU: apply_to must be one of {APPLY_TO}, got {apply_to!r}")
+            raise ValueError(f"PlugKitFreeU: input 'apply_to' must be one of {', '.join(APPLY_TO)}, got {apply_to!r}.")
         if threshold_mode not in THRESHOLD_MODES:
-            raise ValueError(f"PlugKitFreeU: threshold_mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}")
+            raise ValueError(f"PlugKitFreeU: input 'threshold_mode' must be one of {', '.join(THRESHOLD_MODES)}, "
+                             f"got {threshold_mode!r}.")
         self.model_channels = int(model_channels)
         self.b1, self.b2, self.s1, self.s2 = float(b1), float(b2), float(s1), float(s2)
         self.version = version
@@ -108,11 +163,13 @@ class FreeUPatch:
         return resolution_threshold(self.threshold, (shape[-2], shape[-1]), self.reference_latent)
 
     # -- the patch ----------------------------------------------------------------------------------
-    def __call__(self, h: torch.Tensor, hsp: torch.Tensor, transformer_options: dict):
+    def __call__(self, h: torch.Tensor, hsp: torch.Tensor | None, transformer_options: dict):
         stage = self.stages.get(int(h.shape[1]))
         if stage is None or not self.is_active(transformer_options):
             return h, hsp
         b, s = stage
+        if hsp is None:
+            s = 1.0  # an earlier output-block patch consumed the skip: only the backbone is left to scale
         if b == 1.0 and s == 1.0:
             return h, hsp
         rows = self._rows(h.shape[0], transformer_options)
@@ -122,7 +179,7 @@ class FreeUPatch:
             return h, hsp
         hsp_out = hsp.clone() if s != 1.0 else hsp
         for sl in rows:
-            h_part, hsp_part = self._apply(h[sl], hsp[sl], b, s, transformer_options)
+            h_part, hsp_part = self._apply(h[sl], None if hsp is None else hsp[sl], b, s, transformer_options)
             if s != 1.0:
                 hsp_out[sl] = hsp_part
         return h, hsp_out
@@ -134,14 +191,15 @@ class FreeUPatch:
         return h, hsp
 
     def _rows(self, batch: int, transformer_options: dict):
-        """None = every row; else the batch slices of the chunks FreeU applies to (cond/uncond)."""
+        """None = every row; else the batch slices of the chunks whose role is ``apply_to``."""
         if self.apply_to == "both":
             return None
         codes = transformer_options.get("cond_or_uncond")
         if not codes or batch % len(codes) != 0:
             return None
-        want = _WANT[self.apply_to]
-        if all(c == want for c in codes):
+        roles = transformer_options.get(ROLES_KEY)
+        chosen = [chunk_role(c, roles) == self.apply_to for c in codes]
+        if all(chosen):
             return None
         n = batch // len(codes)
-        return [slice(i * n, (i + 1) * n) for i, c in enumerate(codes) if c == want]
+        return [slice(i * n, (i + 1) * n) for i, keep in enumerate(chosen) if keep]

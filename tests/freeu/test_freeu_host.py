@@ -301,3 +301,91 @@ def test_node_registered_with_tooltips(comfy):
     assert names[:8] == ["model", "b1", "b2", "s1", "s2", "version", "start_percent", "end_percent"]
     assert all(i.tooltip for i in schema.inputs)
     assert all(i.optional for i in schema.inputs[8:])
+
+
+# -- float inputs: NaN and infinity never pass (ComfyUI's min/max checks let NaN through) -----------
+@pytest.mark.parametrize("name", ["b1", "b2", "s1", "s2", "start_percent", "end_percent"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_float_inputs_are_refused(env, name, bad):
+    kw = {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2, "start_percent": 0.0, "end_percent": 1.0, name: bad}
+    with pytest.raises(ValueError, match=rf"^PlugKitFreeU: input '{name}' must be a finite number"):
+        node().execute(model=env[0], **kw)
+    with pytest.raises(ValueError, match=rf"^PlugKitFreeU: input '{name}'"):  # a preset ignores b/s, not NaN
+        node().execute(model=env[0], **kw, preset="SD1.5")
+
+
+def test_out_of_range_inputs_are_refused(env):
+    with pytest.raises(ValueError, match=r"PlugKitFreeU: input 'end_percent' must be between 0 and 1"):
+        ours(env[0], end_percent=1.5)
+    with pytest.raises(ValueError, match=r"PlugKitFreeU: input 'threshold'"):
+        ours(env[0], threshold=0)
+    with pytest.raises(ValueError, match=r"PlugKitFreeU: input 'apply_to'"):
+        ours(env[0], apply_to="positive")
+
+
+# -- presets -----------------------------------------------------------------------------------------
+def test_sdxl_sweep_preset_runs_with_v1(env, comfy_nodes, caplog):
+    """The sweep's values were tuned with diffusers' constant-factor FreeU: the preset runs v1 whatever
+    `version` says (before: v2, which the values were never tuned for)."""
+    model = env[0]
+    core_v1 = run(env, comfy_nodes.NODE_CLASS_MAPPINGS["FreeU"]().patch(model, 1.1, 1.2, 0.6, 0.4)[0])
+    core_v2 = run(env, comfy_nodes.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(model, 1.1, 1.2, 0.6, 0.4)[0])
+    assert (core_v1 - core_v2).abs().max() > 1e-3
+    with caplog.at_level(logging.INFO):
+        m = ours(model, 9, 9, 9, 9, preset="SDXL sweep", version="v2")
+    assert (run(env, m) - core_v1).abs().max() <= TOL
+    assert any("tuned with FreeU v1" in r.getMessage() for r in caplog.records)
+
+
+def tiny_x4_upscaler():
+    """A tiny SD x4 upscaler (ComfyUI's SD_X4Upscaler config and model class); not sampled here."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from tools.models import random_init, tiny_unet_config
+
+    cfg = tiny_unet_config(in_channels=7, context_dim=1024, use_linear_in_transformer=True)
+    config = comfy.supported_models.SD_X4Upscaler(cfg)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    random_init(model.diffusion_model, 0)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def test_x4_upscaler_resolution_aware_reference_is_its_4x_latent(comfy):
+    """The x4 upscaler's VAE downsamples by 4 (512 px crops -> 128x128 latents). Before: 512 // 8 = 64,
+    so at its native latent the resolution-aware box was doubled."""
+    model = tiny_x4_upscaler()
+    m = ours(model, preset="SD2.1", threshold=1, threshold_mode="resolution-aware")
+    patch = freeu_patch_of(m)
+    assert patch.reference_latent == (128, 128)
+    assert patch.threshold_for({"original_shape": [1, 4, 128, 128]}) == (1, 1)
+    assert patch.threshold_for({"original_shape": [1, 4, 256, 256]}) == (2, 2)
+    with pytest.raises(ValueError, match=r"'auto'.*SD_X4Upscaler"):
+        ours(model, preset="auto")
+
+
+# -- an earlier output-block patch that hands on hsp=None -------------------------------------------
+def test_freeu_after_a_patch_that_consumes_the_skip(env):
+    """Core SUPIR in newer ComfyUI returns hsp=None from its output-block patch. FreeU after such a
+    patch scales the backbone and leaves the (absent) skip alone. A third patch hands the skip back so
+    that this ComfyUI's concat still runs; the result is FreeU with s = 1. Before: a crash."""
+    model = env[0]
+    stack = []
+
+    def take(h, hsp, to):
+        stack.append(hsp)
+        return h, None
+
+    def give(h, hsp, to):
+        assert hsp is None
+        return h, stack.pop()
+
+    m = model.clone()
+    m.set_model_output_block_patch(take)
+    m = ours(m)
+    m.set_model_output_block_patch(give)
+    out = run(env, m)
+    assert torch.equal(out, run(env, ours(model, 1.3, 1.4, 1.0, 1.0)))
+    assert not torch.equal(out, run(env, model))

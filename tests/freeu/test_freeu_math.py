@@ -253,15 +253,51 @@ def test_presets_values_and_auto():
     assert PRESETS["SDXL sweep"] == (1.1, 1.2, 0.6, 0.4)
     assert resolve("custom", 1, 2, 3, 4, ["SD15"]) == ((1, 2, 3, 4), "custom")
     assert resolve("auto", 1, 2, 3, 4, ["SD15"]) == (PRESETS["SD1.5"], "SD1.5")
-    assert resolve("auto", 1, 2, 3, 4, ["SSD1B", "SDXL"]) == (PRESETS["SDXL"], "SDXL")
+    assert resolve("auto", 1, 2, 3, 4, ["SDXL"]) == (PRESETS["SDXL"], "SDXL")
     assert resolve("auto", 1, 2, 3, 4, ["SD20"])[1] == "SD2.1"
     assert resolve("SD1.4", 1, 2, 3, 4, ["SDXL"]) == (PRESETS["SD1.4"], "SD1.4")
     with pytest.raises(ValueError, match="auto"):
         resolve("auto", 1, 2, 3, 4, ["Flux"])
-    assert family_of(["MyFinetune", "SDXL"]) == "SDXL"
     assert native_resolution(["SD20"], v_prediction=True) == (768, 768)
     assert native_resolution(["SD20"], v_prediction=False) == (512, 512)
     assert native_resolution(["SDXLRefiner"]) == (1024, 1024)
+
+
+# ComfyUI config class names in MRO order, for families FreeU's authors published no values for.
+UNPUBLISHED = [["SDXLRefiner"], ["SSD1B", "SDXL"], ["Segmind_Vega", "SDXL"], ["KOALA_1B", "SDXL"],
+               ["SVD_img2vid"], ["SV3D_p", "SV3D_u", "SVD_img2vid"], ["SD_X4Upscaler", "SD20"],
+               ["Stable_Zero123"], ["SD15_instructpix2pix", "SD15"], ["SD21UnclipH", "SD20"],
+               ["LotusD", "SD20"], ["MyFinetune", "SDXL"]]
+
+
+@pytest.mark.parametrize("names", UNPUBLISHED, ids=lambda n: n[0])
+def test_auto_refuses_families_without_published_values(names):
+    # Before: auto walked the config's base classes and gave e.g. SVD and the x4 upscaler the SD2.1 set.
+    assert family_of(names) is None
+    with pytest.raises(ValueError) as err:
+        resolve("auto", 1, 2, 3, 4, names)
+    msg = str(err.value)
+    assert "PlugKitFreeU" in msg and "'preset'" in msg and names[0] in msg and "custom" in msg
+    assert resolve("SD2.1", 1, 2, 3, 4, names) == (PRESETS["SD2.1"], "SD2.1")  # by hand: allowed
+
+
+def test_sdxl_sweep_preset_runs_v1():
+    from plugkit.nodes.freeu.presets import preset_version
+
+    assert preset_version("SDXL sweep", "v2") == "v1"
+    assert preset_version("SDXL", "v2") == "v2" and preset_version("SDXL", "v1") == "v1"
+    assert preset_version("custom", "v2") == "v2"
+
+
+def test_native_latent_uses_the_family_vae_factor():
+    from plugkit.nodes.freeu.presets import latent_factor, native_latent
+
+    # The x4 upscaler: 512 px output crops, a 4x VAE (SD_4XUpscale_Conditioning: latent = output // 4).
+    assert latent_factor(["SD_X4Upscaler", "SD20"]) == 4
+    assert native_latent(["SD_X4Upscaler", "SD20"]) == (128, 128)
+    assert native_latent(["SD15"]) == (64, 64)
+    assert native_latent(["SVD_img2vid"]) == (72, 128)
+    assert native_latent(["SD20"], v_prediction=True) == (96, 96)
 
 
 # -- the patch object ------------------------------------------------------------------------------
@@ -348,3 +384,100 @@ def test_patch_deepcopy_copies_settings_not_run_state():
     assert q is not p and q.b1 == 1.3 and q.start_percent == 0.5
     assert (q.sigma_start, q.sigma_end, q.suppressed) == (7.0, 0.0, False)
     assert getattr(q, "plugkit_freeu", False)
+
+
+# -- another output-block patch before FreeU may hand on hsp=None ---------------------------------
+@pytest.mark.parametrize("apply_to", ["both", "cond"])
+def test_patch_hsp_none_scales_backbone_only(apply_to):
+    p = FreeUPatch(8, 1.3, 1.4, 0.9, 0.2, apply_to=apply_to)
+    h = rand(4, 32, 4, 4)
+    h2, hsp2 = p(h.clone(), None, opts(codes=(1, 0)))
+    assert hsp2 is None
+    want = reference_backbone(h, 1.3, "v2")
+    rows = slice(None) if apply_to == "both" else slice(2, 4)
+    assert torch.equal(h2[rows], want[rows])
+    if apply_to == "cond":
+        assert torch.equal(h2[:2], h[:2])
+
+
+# -- video features ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_patch_5d_video_features_equal_time_batched(version):
+    """A 5-D [B, C, T, H, W] feature map gets what its frames get time-batched as [B*T, C, H, W]
+    (SVD's layout): v2's structure map is normalised per frame. Before: per sample over all frames."""
+    B, C, T, H, W = 2, 32, 3, 8, 8
+    h = rand(B, C, T, H, W, seed=4) + torch.linspace(0, 3, T).view(1, 1, T, 1, 1)  # frames differ in range
+    hsp = rand(B, C, T, H, W, seed=5)
+    to_batched = lambda x: x.permute(0, 2, 1, 3, 4).reshape(B * T, C, H, W)
+    p = FreeUPatch(8, 1.3, 1.4, 0.9, 0.2, version=version)
+    h5, hsp5 = p(h.clone(), hsp, opts(codes=(0,), shape=(B, 4, T, 16, 16)))
+    h4, hsp4 = p(to_batched(h).clone(), to_batched(hsp), opts(codes=(0,), shape=(B * T, 4, 16, 16)))
+    assert torch.equal(to_batched(h5), h4)
+    torch.testing.assert_close(to_batched(hsp5), hsp4, atol=1e-6, rtol=0)
+    # and each time-batched frame is the official per-sample rule
+    assert torch.equal(h4, reference_backbone(to_batched(h), 1.3, version))
+
+
+def test_structure_map_4d_unchanged_by_per_frame_rule():
+    h = rand(3, 16, 8, 8, seed=6)
+    assert torch.equal(scale_backbone(h.clone(), 1.4, "v2"), reference_backbone(h, 1.4, "v2"))
+
+
+# -- cond / uncond by role -------------------------------------------------------------------------
+def conds_of(**keys):
+    """A guider's conds by key, shaped as ComfyUI's convert_cond makes them (dicts with a uuid)."""
+    return {k: [dict(uuid=f"{k}-{i}", **extra) for i, extra in enumerate(v)] for k, v in keys.items()}
+
+
+def test_cond_roles_by_guider_key_and_prompt_type():
+    from plugkit.nodes.freeu.freeu_patch import cond_roles
+
+    # CFGGuider / sampling_function: [positive, negative]
+    g = conds_of(positive=[{}], negative=[{}])
+    assert cond_roles([g["positive"], g["negative"]], g) == ["cond", "uncond"]
+    assert cond_roles([g["positive"], None], g) == ["cond", None]  # cfg 1
+    # SAG's extra pass: [negative] alone
+    assert cond_roles([g["negative"]], g) == ["uncond"]
+    # DualCFGGuider: [negative, middle, positive]; ComfyUI marks middle prompt_type "negative"
+    d = conds_of(positive=[{}], middle=[{"prompt_type": "negative"}], negative=[{}])
+    assert cond_roles([d["negative"], d["middle"], d["positive"]], d) == ["uncond", "uncond", "cond"]
+    # PerpNegGuider: [positive, negative, empty], empty marked "negative"
+    p = conds_of(positive=[{}], negative=[{}], empty_negative_prompt=[{"prompt_type": "negative"}])
+    assert cond_roles([p["positive"], p["negative"], p["empty_negative_prompt"]], p) == ["cond", "uncond", "uncond"]
+    # an unknown key with no prompt_type: unknown
+    u = conds_of(positive=[{}], style=[{}])
+    assert cond_roles([u["style"]], u) == [None]
+
+
+def test_cond_roles_copies_by_uuid_and_foreign_conds_unknown():
+    from plugkit.nodes.freeu.freeu_patch import cond_roles
+
+    g = conds_of(positive=[{}, {}], negative=[{}])
+    copy_pos = [dict(c) for c in g["positive"]][:1]  # a context window's copy of part of the list
+    assert cond_roles([copy_pos, [dict(c) for c in g["negative"]]], g) == ["cond", "uncond"]
+    foreign = [{"uuid": "deprecated-perpneg-empty"}]
+    assert cond_roles([foreign], g) == [None]
+    # the explicit prompt_type is read from the conds before processing (original_conds)
+    processed = conds_of(positive=[{}], middle=[{}], negative=[{}])
+    original = conds_of(positive=[{}], middle=[{"prompt_type": "negative"}], negative=[{}])
+    assert cond_roles([processed["middle"]], processed, original) == ["uncond"]
+
+
+def test_patch_rows_follow_roles_not_codes():
+    from plugkit.nodes.freeu.freeu_patch import ROLES_KEY
+
+    h, hsp = rand(6, 32, 4, 4), rand(6, 32, 4, 4, seed=3)
+    # DualCFG batch: chunks in the order [positive(2), middle(1), negative(0)] codes, conds [neg, mid, pos]
+    o = opts(codes=(2, 1, 0))
+    o[ROLES_KEY] = ["uncond", "uncond", "cond"]
+    full_h, full_hsp = FreeUPatch(8, 1.3, 1.4, 0.9, 0.2)(h.clone(), hsp, o)
+    h2, hsp2 = FreeUPatch(8, 1.3, 1.4, 0.9, 0.2, apply_to="cond")(h.clone(), hsp, o)
+    torch.testing.assert_close(h2[:2], full_h[:2], atol=1e-6, rtol=0)  # chunk 0 = code 2 = positive
+    torch.testing.assert_close(hsp2[:2], full_hsp[:2], atol=1e-6, rtol=0)
+    assert torch.equal(h2[2:], h[2:]) and torch.equal(hsp2[2:], hsp[2:])
+    h3, hsp3 = FreeUPatch(8, 1.3, 1.4, 0.9, 0.2, apply_to="uncond")(h.clone(), hsp, o)
+    assert torch.equal(h3[:2], h[:2])
+    torch.testing.assert_close(h3[2:], full_h[2:], atol=1e-6, rtol=0)
+    o[ROLES_KEY] = ["uncond", None, "cond"]  # unknown role: only 'both' patches it
+    h4, _ = FreeUPatch(8, 1.3, 1.4, 0.9, 0.2, apply_to="uncond")(h.clone(), hsp, o)
+    assert torch.equal(h4[:4], h[:4])
