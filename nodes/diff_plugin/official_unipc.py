@@ -1,4 +1,4 @@
-"""The official Diff-Plugin sampler, in ComfyUI's sampler convention (pure torch, no ComfyUI import).
+"""The official Diff-Plugin sampler, in ComfyUI's sampler convention (torch and numpy, no ComfyUI import).
 
 Diff-Plugin's ``infer.py`` samples with diffusers' ``UniPCMultistepScheduler`` configured from SD 1.4's
 scheduler config: multistep UniPC with the B(h) = e^h - 1 variant ("bh2"), order 2, data (x0)
@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 
 TRAIN_TIMESTEPS = 1000
@@ -31,11 +32,17 @@ TIME_THRESHOLD = 960  # infer.py / demo.py --time_threshold: the input is re-noi
 
 
 def official_timesteps(steps: int, train_timesteps: int = TRAIN_TIMESTEPS) -> list[int]:
-    """diffusers' "linspace" spacing: e.g. 20 steps -> 999, 949, 899, ..., 50."""
+    """diffusers' UniPC ``set_timesteps``: ``np.linspace(0, 999, steps + 1).round()[::-1][:-1]``, duplicates
+    dropped; e.g. 20 steps -> 999, 949, 899, ..., 50. numpy's linspace, not torch's: their last-bit
+    differences decide halves (26 steps: numpy gives 499.49999..., torch 499.5000...1, so t = 499 vs 500)."""
     if steps < 1:
         raise ValueError("steps must be at least 1")
-    grid = torch.linspace(0, train_timesteps - 1, steps + 1, dtype=torch.float64)
-    return [int(t) for t in torch.round(grid).flip(0)[:-1].tolist()]
+    grid = np.linspace(0, train_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    out: list[int] = []
+    for t in grid.tolist():
+        if t not in out:
+            out.append(int(t))
+    return out
 
 
 def official_sigmas(sigma_of_t: Callable[[torch.Tensor], torch.Tensor], steps: int) -> torch.Tensor:
