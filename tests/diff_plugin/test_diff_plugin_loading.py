@@ -140,5 +140,5 @@ def test_selector_file_that_needs_code_is_refused(tmp_path):
 
     path = tmp_path / "PromptTunner.pt"
     torch.save({"model": OfficialPromptTunner().state_dict(), "args": argparse.Namespace(lr=1e-5)}, path)
-    with pytest.raises(plugin_files.PluginFileError, match="PromptTunner.pt.*not a plain weights file"):
+    with pytest.raises(plugin_files.PluginFileError, match="(?s)PromptTunner.pt.*not a plain weights file"):
         plugin_files.load_selector(path)
