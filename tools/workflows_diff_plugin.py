@@ -228,6 +228,10 @@ def prepare_models(directory: Path | None = None) -> dict[str, Path]:
 
 # --- workflows ------------------------------------------------------------------------------------
 
+# The shipped pictures are 64 px drawings so the workflows run on CPU in the tests: 'none' keeps them at
+# 64 px. For real photos set 'resize' to infer.py (the nodes' default, the official rule).
+TEST_PICTURE_RESIZE = "none"
+
 def build_derain(info: dict):
     from .models import CHECKPOINT_NAME
     from .workflow import Workflow
@@ -239,7 +243,7 @@ def build_derain(info: dict):
                     plugin_name="derain")
     img = wf.add("LoadImage", title="Degraded image", image=RAIN)
     apply = wf.add("PlugKitApplyTaskPlugin", model=ckpt[0], plugin=plugin[0], clip_vision=cv[0], vae=ckpt[2],
-                   image=img[0], strength=1.0)
+                   image=img[0], strength=1.0, start="official (per task)", resize=TEST_PICTURE_RESIZE)
     neg = wf.add("CLIPTextEncode", title="Unused negative (cfg 1 runs the positive only)", clip=ckpt[1], text="")
     ks = wf.add("KSampler", title="KSampler (cfg 1, UniPC 20 steps: close to the official inference)",
                 model=apply[0], positive=apply[1], negative=neg[0], latent_image=apply[2], seed=42, steps=STEPS,
@@ -248,7 +252,8 @@ def build_derain(info: dict):
     wf.add("SaveImage", title="Derained (graph route)", images=dec[0], filename_prefix="plugkit_diffplugin_derain")
     official = wf.add("PlugKitRunPluginChain", title="Official sampling, exactly (one plugin)", model=ckpt[0],
                       plugin=plugin[0], clip_vision=cv[0], vae=ckpt[2], image=img[0], seed=42, steps=STEPS,
-                      later_steps=3, sampler_name="official", scheduler="normal")
+                      later_steps=3, sampler_name="official", scheduler="normal", start="official (per task)",
+                      resize=TEST_PICTURE_RESIZE)
     wf.add("SaveImage", title="Derained (official sampling)", images=official[0],
            filename_prefix="plugkit_diffplugin_derain_official")
     return wf
@@ -269,7 +274,7 @@ def build_selector(info: dict):
     chain = wf.add("PlugKitRunPluginChain", title=f"Run Plugin Chain (official sampler; first plugin {CHAIN_STEPS} steps here, 20 officially)",
                    model=ckpt[0], plugins=sel[0], clip_vision=cv[0], vae=ckpt[2],
                    image=img[0], seed=42, steps=CHAIN_STEPS, later_steps=3, sampler_name="official",
-                   scheduler="normal")
+                   scheduler="normal", start="official (per task)", resize=TEST_PICTURE_RESIZE)
     wf.add("SaveImage", title="Result of the selected plugins", images=chain[0],
            filename_prefix="plugkit_diffplugin_selector")
     return wf

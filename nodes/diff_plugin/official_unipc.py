@@ -1,4 +1,4 @@
-"""The official Diff-Plugin sampler, in ComfyUI's sampler convention (pure torch, no ComfyUI import).
+"""The official Diff-Plugin sampler, in ComfyUI's sampler convention (torch and numpy, no ComfyUI import).
 
 Diff-Plugin's ``infer.py`` samples with diffusers' ``UniPCMultistepScheduler`` configured from SD 1.4's
 scheduler config: multistep UniPC with the B(h) = e^h - 1 variant ("bh2"), order 2, data (x0)
@@ -11,29 +11,49 @@ The update is written in ComfyUI's variance-exploding form x = x_vp / alpha (sig
 the same sigma diffusers uses): with r = sigma_t / sigma_s and lambda = -log(sigma), diffusers'
 ``x_t = (sigma_vp_t / sigma_vp_s) x_s - alpha_t (e^-h - 1) m0 - alpha_t B(h) res`` becomes
 ``x_t = r x_s - (r - 1) m0 - B(h) res``, with B(h) = r - 1 for bh2.
+
+Re-noising: ``infer.py`` (and ``demo.py``) set ``latents = add_noise(scb_cond, noise, t)`` at *every*
+step with t >= ``--time_threshold`` (960), not only the first: for 20 steps that is t = 999 only, for
+26 steps t = 999 and 961, for 50 steps t = 999 and 979. diffusers' UniPC corrector rebuilds the
+sample from its stored previous sample, so a re-noised latent changes only what the model is
+evaluated on (and the x0 conversion of that output), not the solver state; ``sample_official_unipc``
+does the same with ``renoise``.
 """
 from __future__ import annotations
 
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 
 TRAIN_TIMESTEPS = 1000
+TIME_THRESHOLD = 960  # infer.py / demo.py --time_threshold: the input is re-noised at every t >= this
 
 
 def official_timesteps(steps: int, train_timesteps: int = TRAIN_TIMESTEPS) -> list[int]:
-    """diffusers' "linspace" spacing: e.g. 20 steps -> 999, 949, 899, ..., 50."""
+    """diffusers' UniPC ``set_timesteps``: ``np.linspace(0, 999, steps + 1).round()[::-1][:-1]``, duplicates
+    dropped; e.g. 20 steps -> 999, 949, 899, ..., 50. numpy's linspace, not torch's: their last-bit
+    differences decide halves (26 steps: numpy gives 499.49999..., torch 499.5000...1, so t = 499 vs 500)."""
     if steps < 1:
         raise ValueError("steps must be at least 1")
-    grid = torch.linspace(0, train_timesteps - 1, steps + 1, dtype=torch.float64)
-    return [int(t) for t in torch.round(grid).flip(0)[:-1].tolist()]
+    grid = np.linspace(0, train_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    out: list[int] = []
+    for t in grid.tolist():
+        if t not in out:
+            out.append(int(t))
+    return out
 
 
 def official_sigmas(sigma_of_t: Callable[[torch.Tensor], torch.Tensor], steps: int) -> torch.Tensor:
     """The sigmas of the official timesteps, then sigma(t = 0) (the official last step ends there)."""
     ts = torch.tensor(official_timesteps(steps) + [0], dtype=torch.float32)
     return sigma_of_t(ts).float()
+
+
+def renoise_flags(timesteps: list[int], threshold: int = TIME_THRESHOLD) -> list[bool]:
+    """Per step: does infer.py replace the latent by the noised input there (``t >= time_threshold``)?"""
+    return [int(t) >= threshold for t in timesteps]
 
 
 def _b_vector(hh: torch.Tensor, order: int) -> list[torch.Tensor]:
@@ -57,23 +77,37 @@ def _update(x_s: torch.Tensor, sigma_s: torch.Tensor, sigma_t: torch.Tensor, m0:
 
 @torch.no_grad()
 def sample_official_unipc(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args=None, callback=None,
-                          disable=None) -> torch.Tensor:
+                          disable=None, renoise: list[bool] | tuple = (), renoise_latent: torch.Tensor | None = None,
+                          renoise_noise: torch.Tensor | None = None) -> torch.Tensor:
     """A ComfyUI sampler function (``comfy.samplers.KSAMPLER(sample_official_unipc)``): ``model(x, sigma)``
     returns the denoised prediction. ``sigmas`` should be ``official_sigmas`` (any decreasing grid
-    ending above 0 works; a final 0 is not supported, as in the official solver with sigma_min)."""
+    ending above 0 works; a final 0 is not supported, as in the official solver with sigma_min).
+
+    ``renoise[k]`` true: the model is evaluated at step k on ``renoise_latent + sigma_k * renoise_noise``
+    (infer.py's ``add_noise(scb_cond, noise, t)`` in this form) instead of the current sample; the
+    solver state is unchanged by it, as in diffusers (see the module docstring)."""
     extra_args = extra_args or {}
     n = len(sigmas) - 1
     if n < 1:
         return x
     if float(sigmas[-1]) <= 0:
         raise ValueError("the official UniPC sampler ends at sigma_min; the last sigma must be above 0")
+    renoise = list(renoise)
+    if any(renoise) and (renoise_latent is None or renoise_noise is None):
+        raise ValueError("re-noising needs renoise_latent and renoise_noise")
     s_in = x.new_ones([x.shape[0]])
     lam = [-math.log(float(s)) for s in sigmas]
     outputs: list[torch.Tensor] = []  # data predictions m_0 .. m_k
     last_x = None
     last_order = 0
     for k in range(n):
-        m_k = model(x, sigmas[k] * s_in, **extra_args)
+        if k < len(renoise) and renoise[k]:
+            x_eval = renoise_latent + renoise_noise * sigmas[k]
+            if k == 0:
+                x = x_eval  # the first latent (nothing to correct yet)
+        else:
+            x_eval = x
+        m_k = model(x_eval, sigmas[k] * s_in, **extra_args)
         if callback is not None:
             callback({"x": x, "i": k, "sigma": sigmas[k], "sigma_hat": sigmas[k], "denoised": m_k})
         if k > 0:  # UniC: correct x_k with the new output (the model is not evaluated again)

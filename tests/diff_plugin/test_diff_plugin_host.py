@@ -50,7 +50,7 @@ def test_apply_outputs_fp_as_context_and_start_latent(setup):
     handle = make_handle()
     before = repr(model.model_options)
     m, positive, latent = PlugKitApplyTaskPlugin.execute(model=model, plugin=handle, clip_vision=cv, vae=vae,
-                                                         image=img).result
+                                                         image=img, resize="none").result
     assert m is not model and repr(model.model_options) == before  # incoming model untouched
     fp = positive[0][0]
     expected = handle.plugin.tpb(cv.encode_image(img)["last_hidden_state"][:, 1:])
@@ -59,7 +59,7 @@ def test_apply_outputs_fp_as_context_and_start_latent(setup):
     assert positive[0][1]["control"].handle is handle
     torch.testing.assert_close(latent["samples"], vae.encode(img))
     _, _, noise_start = PlugKitApplyTaskPlugin.execute(model=model, plugin=make_handle("lowlight"), clip_vision=cv,
-                                                       vae=vae, image=img).result
+                                                       vae=vae, image=img, resize="none").result
     assert noise_start["samples"].abs().max() == 0 and noise_start["samples"].shape == latent["samples"].shape
 
 
@@ -67,7 +67,7 @@ def test_fp_replaces_the_context_in_the_unet(setup):
     from plugkit.nodes.diff_plugin.plugin_nodes import apply_task_plugin
 
     model, cv, vae, img = setup
-    m, positive, latent = apply_task_plugin(model, make_handle(), cv, vae, img)
+    m, positive, latent = apply_task_plugin(model, make_handle(), cv, vae, img, resize="none")
     seen = []
 
     def capture(q, k, v, extra_options):
@@ -86,7 +86,7 @@ def test_residuals_land_on_the_last_three_skips_only(setup):
 
     model, cv, vae, img = setup
     handle = make_handle(seed=5)
-    m, positive, latent = apply_task_plugin(model, handle, cv, vae, img)
+    m, positive, latent = apply_task_plugin(model, handle, cv, vae, img, resize="none")
 
     def skips(m, cond):
         seen, sigmas = {}, []
@@ -122,11 +122,11 @@ def test_zero_initialised_scb_equals_plain_sampling_with_fp(setup):
     from plugkit.nodes.diff_plugin.plugin_nodes import apply_task_plugin
 
     model, cv, vae, img = setup
-    m, positive, latent = apply_task_plugin(model, make_handle(zero_outputs=True), cv, vae, img)
+    m, positive, latent = apply_task_plugin(model, make_handle(zero_outputs=True), cv, vae, img, resize="none")
     out = run(m, positive, latent, steps=2, seed=3)
     ref = run(model, plain_conditioning(positive), latent, steps=2, seed=3)
     assert torch.equal(out, ref)
-    m2, positive2, _ = apply_task_plugin(model, make_handle(seed=2), cv, vae, img)
+    m2, positive2, _ = apply_task_plugin(model, make_handle(seed=2), cv, vae, img, resize="none")
     assert not torch.allclose(run(m2, positive2, latent, steps=2, seed=3), ref)  # a trained SCB does act
 
 
@@ -151,7 +151,7 @@ def test_weight_patches_still_apply_and_the_model_is_not_mutated(setup):
 
     def plugin_run(m):
         m2, positive, latent = PlugKitApplyTaskPlugin.execute(model=m, plugin=handle, clip_vision=cv, vae=vae,
-                                                              image=img).result
+                                                              image=img, resize="none").result
         return run(m2, positive, latent, steps=2, seed=1)
 
     with_patch = plugin_run(patched)
@@ -171,8 +171,8 @@ def test_control_api_copy_models_chain_and_cleanup(setup):
 
     model, cv, vae, img = setup
     h1, h2 = make_handle(seed=1), make_handle(seed=2)
-    _, pos1, latent = apply_task_plugin(model, h1, cv, vae, img)
-    _, pos2, _ = apply_task_plugin(model, h2, cv, vae, img)
+    _, pos1, latent = apply_task_plugin(model, h1, cv, vae, img, resize="none")
+    _, pos2, _ = apply_task_plugin(model, h2, cv, vae, img, resize="none")
     c1, c2 = pos1[0][1]["control"], pos2[0][1]["control"]
     copied = c1.copy()
     assert copied is not c1 and copied.handle is h1 and copied.cond_latent is c1.cond_latent
@@ -206,9 +206,9 @@ def test_wrong_model_family_is_a_clear_error(comfy, setup):
     model, cv, vae, img = setup
     sd2_like = build_model(tiny_unet_config(context_dim=1024))
     with pytest.raises(ValueError, match="PlugKitApplyTaskPlugin: input 'model' is not an SD 1.x U-Net"):
-        apply_task_plugin(sd2_like, make_handle(), cv, vae, img)
+        apply_task_plugin(sd2_like, make_handle(), cv, vae, img, resize="none")
     with pytest.raises(ValueError, match="320"):
-        apply_task_plugin(model, make_handle(channels=320), cv, vae, img)
+        apply_task_plugin(model, make_handle(channels=320), cv, vae, img, resize="none")
 
 
 def test_loader_finds_released_and_safetensors_plugins(comfy, tmp_path):
@@ -266,14 +266,14 @@ def test_chain_runs_official_schedule(setup, monkeypatch):
     m = model.clone()
     m.set_model_unet_function_wrapper(count)
     handles = [make_handle("derain", seed=1), make_handle("dehaze", seed=2)]
-    out = PlugKitRunPluginChain.execute(model=m, plugins=handles, clip_vision=cv, vae=vae, image=img, seed=1,
+    out = PlugKitRunPluginChain.execute(model=m, plugins=handles, clip_vision=cv, vae=vae, image=img, resize="none", seed=1,
                                         steps=3, later_steps=2, sampler_name="euler", scheduler="normal").result[0]
     assert len(calls) == 3 + 2
     assert len(encoded) == 2
     torch.testing.assert_close(encoded[0], img)  # the first plugin reads the input image ...
     assert not torch.allclose(encoded[1], img, atol=1e-3)  # ... the second one the first plugin's result
     assert out.shape == img.shape and torch.isfinite(out).all()
-    same = PlugKitRunPluginChain.execute(model=m, plugins=[], clip_vision=cv, vae=vae, image=img).result[0]
+    same = PlugKitRunPluginChain.execute(model=m, plugins=[], clip_vision=cv, vae=vae, image=img, resize="none").result[0]
     assert same is img
 
 
@@ -296,13 +296,13 @@ def test_chain_runs_one_plugin_with_the_official_sampler_by_default(setup):
     handle = make_handle("derain", seed=1)
     schema = PlugKitRunPluginChain.define_schema()
     assert next(i for i in schema.inputs if i.id == "sampler_name").default == OFFICIAL_SAMPLER
-    out = PlugKitRunPluginChain.execute(model=m, plugin=handle, clip_vision=cv, vae=vae, image=img, steps=4).result[0]
+    out = PlugKitRunPluginChain.execute(model=m, plugin=handle, clip_vision=cv, vae=vae, image=img, resize="none", steps=4).result[0]
     assert [round(t) for t in timesteps] == [999, 749, 500, 250]  # linspace(0, 999, 5) rounded, reversed
-    other = PlugKitRunPluginChain.execute(model=model, plugin=handle, clip_vision=cv, vae=vae, image=img, steps=4,
+    other = PlugKitRunPluginChain.execute(model=model, plugin=handle, clip_vision=cv, vae=vae, image=img, resize="none", steps=4,
                                           sampler_name="uni_pc_bh2").result[0]
     assert out.shape == img.shape and (out - other).abs().max() > 1e-4
     with pytest.raises(ValueError, match="PlugKitRunPluginChain: connect 'plugins'.*or 'plugin'"):
-        PlugKitRunPluginChain.execute(model=model, clip_vision=cv, vae=vae, image=img)
+        PlugKitRunPluginChain.execute(model=model, clip_vision=cv, vae=vae, image=img, resize="none")
 
 
 def test_selector_node_picks_the_plugin_built_for_the_instruction(sd15_full, tiny_clip_vision, tmp_path):
@@ -340,7 +340,7 @@ def test_selector_node_picks_the_plugin_built_for_the_instruction(sd15_full, tin
     try:
         cv, img = tiny_clip_vision, image(size=64)
         run_sel = lambda text: PlugKitPluginSelector.execute(  # noqa: E731
-            clip=clip, clip_vision=cv, image=img, instruction=text, selector_name="plugin_selector/PromptTunner.pt",
+            clip=clip, clip_vision=cv, image=img, resize="none", instruction=text, selector_name="plugin_selector/PromptTunner.pt",
             plugin_1=handles[0], plugin_2=handles[1], plugin_3=handles[2])
         out = run_sel("remove the haze")
         chosen, report = out.result
@@ -350,7 +350,7 @@ def test_selector_node_picks_the_plugin_built_for_the_instruction(sd15_full, tin
         chosen, _ = run_sel("remove the rain").result
         assert [h.name for h in chosen] == ["derain"]
         with pytest.raises(ValueError, match="PlugKitPluginSelector: connect at least one"):
-            PlugKitPluginSelector.execute(clip=clip, clip_vision=cv, image=img, instruction="x",
+            PlugKitPluginSelector.execute(clip=clip, clip_vision=cv, image=img, resize="none", instruction="x",
                                           selector_name="plugin_selector/PromptTunner.pt")
     finally:
         folder_paths.folder_names_and_paths["diff_plugin"][0].remove(str(tmp_path))

@@ -213,3 +213,55 @@ def test_selector_picks_the_plugin_built_for_the_instruction():
     assert sel3.selected == [] and sel3.scores[-1] == 1.0
     sel4 = select_plugins(tuner, text, null, prompts, ["desnow", "derain", "dehaze"], RULE_ABOVE_NULL)
     assert sel4.selected == [1]
+
+
+# --- official input resizing (infer.py / demo.py arithmetic) -------------------------------------------
+
+def _infer_py_size(width, height):
+    """infer.py as written: short side < 512 -> 512 (int() of the scaled long side), else kept; then
+    VaeImageProcessor's x - x % 8."""
+    if width < 512 or height < 512:
+        if width < height:
+            new_width, new_height = 512, int((512 / width) * height)
+        else:
+            new_height, new_width = 512, int((512 / height) * width)
+    else:
+        new_height, new_width = height, width
+    return new_width - new_width % 8, new_height - new_height % 8
+
+
+def _demo_py_size(width, height, image_resolution=512):
+    if width < height:
+        new_width, new_height = image_resolution, int((image_resolution / width) * height)
+    else:
+        new_height, new_width = image_resolution, int((image_resolution / height) * width)
+    return new_width - new_width % 8, new_height - new_height % 8
+
+
+@pytest.mark.parametrize("size", [(256, 256), (200, 120), (120, 200), (511, 700), (512, 512), (513, 517),
+                                  (4032, 3024), (3024, 4032), (2834, 2091), (407, 610), (640, 427), (1, 9)])
+def test_official_sizes(size):
+    from plugkit.nodes.diff_plugin.official_resize import official_size
+
+    w, h = size
+    assert official_size(w, h, "infer.py") == _infer_py_size(w, h)
+    assert official_size(w, h, "demo.py") == _demo_py_size(w, h)
+    assert official_size(w, h, "none") == (w, h)
+
+
+def test_official_sizes_named_in_the_issue():
+    from plugkit.nodes.diff_plugin.official_resize import official_size
+
+    assert official_size(256, 256, "infer.py") == (512, 512)  # latent 64 x 64, not 32 x 32
+    assert official_size(4032, 3024, "infer.py") == (4032, 3024)  # infer.py keeps large photos (latent 504 x 378)
+    assert official_size(4032, 3024, "demo.py") == (680, 512)  # demo.py scales them to a 512 short side
+
+
+def test_resize_image_keeps_an_image_the_rule_does_not_change():
+    from plugkit.nodes.diff_plugin.official_resize import resize_image
+
+    img = torch.rand(2, 520, 640, 3, generator=torch.Generator().manual_seed(0))  # not 8-bit values
+    assert resize_image(img, "infer.py") is not None and torch.equal(resize_image(img, "infer.py"), img)
+    assert torch.equal(resize_image(img, "demo.py"), img) is False and resize_image(img, "demo.py").shape == (2, 512, 624, 3)
+    with pytest.raises(ValueError, match="unknown resize rule"):
+        resize_image(img, "crop")

@@ -110,7 +110,7 @@ def test_tpb_input_equals_transformers_last_layer_without_class_token(comfy, tin
     image = torch.rand(1, 96, 160, 3, generator=gen)  # not square: the centre crop matters
     try:
         _, positive, _ = PlugKitApplyTaskPlugin.execute(model=tiny_model, plugin=handle, clip_vision=tiny_clip_vision,
-                                                        vae=tiny_vae, image=image).result
+                                                        vae=tiny_vae, image=image, resize="none").result
     finally:
         hook.remove()
     assert len(fed) == 1 and fed[0].shape == (1, 256, 1024)
@@ -244,7 +244,7 @@ def step_setup(comfy, tiny_clip_vision, tiny_vae):
     gen = torch.Generator().manual_seed(1)
     image = torch.rand(1, 128, 128, 3, generator=gen)
     m, positive, latent = PlugKitApplyTaskPlugin.execute(model=model, plugin=handle, clip_vision=tiny_clip_vision,
-                                                         vae=tiny_vae, image=image).result
+                                                         vae=tiny_vae, image=image, resize="none").result
     scb_state = {k[len("scb."):]: v for k, v in state.items() if k.startswith("scb.")}
     return m, positive, latent, official_scb(scb_state, 32), diffusers_unet(m)
 
@@ -290,19 +290,21 @@ SD14_SCHEDULER_CONFIG = {
 TIME_THRESHOLD = 960  # infer.py --time_threshold
 
 
-def official_loop(eps_fn, scb_cond, noise, steps: int = 20):
+def official_loop(eps_fn, scb_cond, noise, steps: int = 20, random_noise: bool = False,
+                  threshold: int = TIME_THRESHOLD):
     """infer.py's loop: UniPC (diffusers defaults: bh2, order 2, data prediction) with SD's scheduler
-    config; the latent is the degraded latent noised at every t >= 960 (only the first step for 20
-    steps); then eps -> scheduler.step. ``final_sigmas_type='sigma_min'`` keeps diffusers 0.17's last
-    step (to t = 0), where current diffusers defaults to sigma 0."""
+    config; the latent is the degraded latent noised at every t >= 960 (only t = 999 for 20 steps;
+    999 and 961 for 26; 999 and 979 for 50), or, with ``--inp_of_unet_is_random_noise``, the noise
+    itself and never re-noised; then eps -> scheduler.step. ``final_sigmas_type='sigma_min'`` keeps
+    diffusers 0.17's last step (to t = 0), where current diffusers defaults to sigma 0."""
     from diffusers import UniPCMultistepScheduler
 
     scheduler = UniPCMultistepScheduler.from_config(SD14_SCHEDULER_CONFIG, final_sigmas_type="sigma_min")
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps.long()
-    latents = None
+    latents = noise.clone() if random_noise else None
     for t in timesteps:
-        if t >= TIME_THRESHOLD:
+        if t >= threshold and not random_noise:
             latents = scheduler.add_noise(scb_cond, noise, t.reshape(1))
         with torch.no_grad():
             eps = eps_fn(latents, int(t))
@@ -369,7 +371,7 @@ def test_official_timesteps_and_sigmas(comfy, step_setup):
 
     from plugkit.nodes.diff_plugin.official_unipc import official_sigmas, official_timesteps
 
-    for steps in (1, 3, 20, 50):
+    for steps in (1, 3, 20, 26, 50):  # 26: numpy's linspace decides t = 499 (torch's would give 500)
         scheduler = UniPCMultistepScheduler.from_config(SD14_SCHEDULER_CONFIG, final_sigmas_type="sigma_min")
         scheduler.set_timesteps(steps)
         assert official_timesteps(steps) == scheduler.timesteps.tolist()
@@ -377,10 +379,13 @@ def test_official_timesteps_and_sigmas(comfy, step_setup):
         torch.testing.assert_close(official_sigmas(ms.sigma, steps), scheduler.sigmas.float(), rtol=1e-4, atol=0)
 
 
-@pytest.mark.parametrize("steps", [1, 2, 3, 20])
+@pytest.mark.parametrize("steps", [1, 2, 3, 20, 26, 50])
 def test_official_unipc_solver_equals_diffusers(comfy, steps):
-    """The solver alone, on a smooth stand-in eps(x, t) (no network), against diffusers' scheduler."""
-    from plugkit.nodes.diff_plugin.official_unipc import official_sigmas, sample_official_unipc
+    """The solver alone, on a smooth stand-in eps(x, t) (no network), against diffusers' scheduler and
+    infer.py's loop, re-noising included (t >= 960: one step at 20 steps, two at 26 and 50). Moving the
+    re-noising rule by one step (one step fewer or one more) fails (asserted below, for 26 and 50)."""
+    from plugkit.nodes.diff_plugin.official_unipc import (official_sigmas, official_timesteps, renoise_flags,
+                                                          sample_official_unipc)
 
     gen = torch.Generator().manual_seed(steps)
     x0 = torch.randn(2, 4, 8, 8, generator=gen)
@@ -407,9 +412,20 @@ def test_official_unipc_solver_equals_diffusers(comfy, steps):
         t = int((table - s).abs().argmin())
         return x - s * eps_fn(x / math.sqrt(1 + s * s), t)
 
-    x = x0 + noise * float(sigmas[0])  # infer.py's add_noise at t = 999, in ComfyUI's form
-    ours = sample_official_unipc(model, x, sigmas) / math.sqrt(1 + float(sigmas[-1]) ** 2)
-    torch.testing.assert_close(ours, official, rtol=1e-5, atol=1e-5)
+    flags = renoise_flags(official_timesteps(steps))
+    assert sum(flags) == {26: 2, 50: 2}.get(steps, 1)
+
+    def run(renoise):
+        x = x0 + noise * float(sigmas[0])  # infer.py's add_noise at t = 999, in ComfyUI's form
+        out = sample_official_unipc(model, x, sigmas, renoise=renoise, renoise_latent=x0, renoise_noise=noise)
+        return out / math.sqrt(1 + float(sigmas[-1]) ** 2)
+
+    torch.testing.assert_close(run(flags), official, rtol=1e-5, atol=1e-5)
+    if steps in (26, 50):
+        fewer = flags[:sum(flags) - 1]  # re-noise one step fewer (the old behaviour: the first step only)
+        more = [True] * (sum(flags) + 1)  # one step more
+        for moved in (fewer, more):
+            assert (run(moved) - official).abs().max() > 1e-3
 
 
 def test_run_chain_official_sampler_equals_official_loop(loops, step_setup):
@@ -423,7 +439,7 @@ def test_run_chain_official_sampler_equals_official_loop(loops, step_setup):
     m, positive, latent, _, _ = step_setup
     noise = comfy.sample.prepare_noise(latent["samples"], 42, None)  # the noise the loops fixture used
     steps_seen = []
-    ours = sample_official(m, positive, False, noise, 20, callback=lambda step, *_: steps_seen.append(step))
+    ours = sample_official(m, positive, latent, noise, 20, False, callback=lambda step, *_: steps_seen.append(step))
     scale = m.get_model_object("latent_format").scale_factor
     torch.testing.assert_close(ours * scale, official, rtol=1e-4, atol=1e-4)
     assert steps_seen == list(range(20))
