@@ -196,7 +196,7 @@ def train_classifier(data: PixelSet, n_classes: int, dim: int, seed: int, *, bat
             if check is not None and it % 50 == 0:
                 check()
             if epoch >= min_epochs:
-                value = float(loss)
+                value = float(loss.detach())
                 if value < best:
                     best, strikes = value, 0
                 else:
