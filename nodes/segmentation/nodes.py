@@ -64,9 +64,9 @@ def _check_images(images, node: str, name: str = "images") -> torch.Tensor:
     return images[..., :3].float()
 
 
-def _model_info(model, vae, node: str):
+def _model_info(model, latent: torch.Tensor, node: str):
     unet = hooks.unet_of(model, node)
-    channels = int(getattr(vae, "latent_channels", 4))
+    channels = int(latent.shape[1])
     if channels != int(unet.in_channels):
         raise ValueError(f"{node}: input 'vae' makes {channels}-channel latents but the U-Net takes {unet.in_channels} "
                          "channels; connect the VAE of the same checkpoint family.")
@@ -148,7 +148,9 @@ class PlugKitFeatureSegmenterTrain(io.ComfyNode):
         t0 = time.perf_counter()
         images = _check_images(images, node)
         b, height, width, _ = images.shape
-        unet, latent_channels = _model_info(model, vae, node)
+        hooks.unet_of(model, node)
+        latent = _encode(vae, images)
+        unet, latent_channels = _model_info(model, latent, node)
         n_blocks = len(unet.output_blocks)
         if (masks is None) == (label_image is None):
             raise ValueError(f"{node}: connect exactly one of 'masks' (one class) or 'label_image' (several classes).")
@@ -188,7 +190,6 @@ class PlugKitFeatureSegmenterTrain(io.ComfyNode):
         cond_state = hooks.conditioning_state(cond)
         cond = hooks.conditioning_from_state(cond_state)
 
-        latent = _encode(vae, images)
         features, channels = hooks.extract_features(model, latent, step_list, block_list, cond, seed, node,
                                                     _progress(b * len(step_list)))
         t_feat = time.perf_counter() - t0
@@ -258,12 +259,12 @@ class PlugKitFeatureSegment(io.ComfyNode):
                             f"(got {type(segmenter).__name__}).")
         images = _check_images(images, node)
         b, height, width, _ = images.shape
-        unet, latent_channels = _model_info(model, vae, node)
+        latent = _encode(vae, images)
+        unet, latent_channels = _model_info(model, latent, node)
         segmenter.check_model(hooks.model_family(model), len(unet.output_blocks), latent_channels, node)
         if not 0 <= int(class_index) < segmenter.n_classes:
             raise ValueError(f"{node}: input 'class_index' is {class_index} but the segmenter has classes "
                              f"0-{segmenter.n_classes - 1}.")
-        latent = _encode(vae, images)
         cond = hooks.conditioning_from_state(segmenter.conditioning) if segmenter.conditioning else hooks.empty_conditioning(model)
         features, channels = hooks.extract_features(model, latent, segmenter.steps, segmenter.blocks, cond,
                                                     segmenter.seed, node, _progress(b * len(segmenter.steps)))
