@@ -195,3 +195,21 @@ def test_label_image_gives_several_classes(seg_env):
     colours = {tuple(c) for c in (labels[0] * 255).round().long().reshape(-1, 3).tolist()}
     assert colours <= {(0, 0, 0), (0, 255, 0), (255, 0, 0)}
     assert "class 2 (255, 0, 0):" in report
+
+
+def test_sdxl_layout_trains_and_segments(seg_env):
+    """SDXL's 9-block decoder: default blocks 2-6, the zero context is 2048 wide with a pooled
+    output for the ADM input; the segmenter records SDXL and refuses the SD1.5 model."""
+    from plugkit.nodes.segmentation.nodes import PlugKitFeatureSegmenterTrain
+
+    env = seg_env
+    sdxl = _tiny_sdxl()
+    images, masks = env["images"][:1, :64, :64], env["masks"][:1, :64, :64]
+    seg, _ = PlugKitFeatureSegmenterTrain.execute(model=sdxl, vae=env["vae"], images=images, masks=masks,
+                                                  ensemble_size=1, max_epochs=5).result
+    assert seg.family == "SDXL" and seg.blocks == (2, 3, 4, 5, 6)
+    assert seg.conditioning["c_crossattn"].shape == (1, 77, 2048) and seg.conditioning["pooled_output"].shape == (1, 1280)
+    mask = _segment(env, seg, images=images, model=sdxl)[0]
+    assert mask.shape == (1, 64, 64)
+    with pytest.raises(ValueError, match="is a SD15 U-Net .* trained on SDXL"):
+        _segment(env, seg, images=images)
