@@ -148,9 +148,7 @@ class PlugKitFeatureSegmenterTrain(io.ComfyNode):
         t0 = time.perf_counter()
         images = _check_images(images, node)
         b, height, width, _ = images.shape
-        hooks.unet_of(model, node)
-        latent = _encode(vae, images)
-        unet, latent_channels = _model_info(model, latent, node)
+        unet = hooks.unet_of(model, node)
         n_blocks = len(unet.output_blocks)
         if (masks is None) == (label_image is None):
             raise ValueError(f"{node}: connect exactly one of 'masks' (one class) or 'label_image' (several classes).")
@@ -160,7 +158,13 @@ class PlugKitFeatureSegmenterTrain(io.ComfyNode):
             if tuple(masks.shape) != (b, height, width):
                 raise ValueError(f"{node}: input 'masks' is {tuple(masks.shape)} but 'images' needs ({b}, {height}, {width}): "
                                  "one mask per image, at the image size.")
-            labels, palette, source = pc.labels_from_masks(masks.float().cpu()), [(0, 0, 0), (255, 255, 255)], "masks"
+            masks = masks.float().cpu()
+            if not torch.isfinite(masks).all():
+                raise ValueError(f"{node}: input 'masks' contains NaN or inf.")
+            labels, palette, source = pc.labels_from_masks(masks), [(0, 0, 0), (255, 255, 255)], "masks"
+            if not bool((labels == 1).any()) or bool((labels == 1).all()):
+                raise ValueError(f"{node}: input 'masks' has no painted or no unpainted pixel; paint the class on "
+                                 "part of each image (white = the class).")
         else:
             if tuple(label_image.shape[:3]) != (b, height, width):
                 raise ValueError(f"{node}: input 'label_image' is {tuple(label_image.shape[:3])} but 'images' needs "
@@ -190,6 +194,8 @@ class PlugKitFeatureSegmenterTrain(io.ComfyNode):
         cond_state = hooks.conditioning_state(cond)
         cond = hooks.conditioning_from_state(cond_state)
 
+        latent = _encode(vae, images)
+        _, latent_channels = _model_info(model, latent, node)
         features, channels = hooks.extract_features(model, latent, step_list, block_list, cond, seed, node,
                                                     _progress(b * len(step_list)))
         t_feat = time.perf_counter() - t0

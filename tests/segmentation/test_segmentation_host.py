@@ -176,6 +176,12 @@ def test_bad_training_inputs(seg_env):
     nan[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         PlugKitFeatureSegmenterTrain.execute(images=nan, masks=env["masks"][:1], **kw)
+    nan_mask = env["masks"][:1].clone()
+    nan_mask[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="input 'masks' contains NaN"):
+        PlugKitFeatureSegmenterTrain.execute(images=env["images"][:1], masks=nan_mask, **kw)
+    with pytest.raises(ValueError, match="no painted or no unpainted"):
+        PlugKitFeatureSegmenterTrain.execute(images=env["images"][:1], masks=torch.zeros_like(env["masks"][:1]), **kw)
 
 
 def test_label_image_gives_several_classes(seg_env):
@@ -188,7 +194,9 @@ def test_label_image_gives_several_classes(seg_env):
     label[0, :, 32:, 0] = 1.0  # red right half
     label[0, 48:, :, :] = torch.tensor([0.0, 1.0, 0.0])  # green bottom band
     seg, report = PlugKitFeatureSegmenterTrain.execute(model=env["model"], vae=env["vae"], images=images,
-                                                       label_image=label, ensemble_size=1, max_epochs=6).result
+                                                       label_image=label, ensemble_size=1, max_epochs=6,
+                                                       resolution="image").result
+    assert seg.resolution == "image" and "4096 image pixels" in report
     assert seg.palette == [(0, 0, 0), (0, 255, 0), (255, 0, 0)] and seg.source == "label_image"
     mask, class_masks, labels, unc = _segment(env, seg, images=images, class_index=2)
     assert class_masks.shape == (3, 64, 64) and torch.equal(class_masks[2], mask[0])
