@@ -77,6 +77,7 @@ def segmenter_dir(tmp_path, monkeypatch, comfy):
 
 
 def test_save_load_segment_equals_in_memory(seg_env, trained, segmented, segmenter_dir):
+    """Bitwise equal outputs. Checked once that it can fail: an unseeded feature noise fails it."""
     from plugkit.nodes.segmentation.nodes import PlugKitLoadSegmenter, PlugKitSaveSegmenter, list_segmenters
 
     (path,) = PlugKitSaveSegmenter.execute(segmenter=trained[0], name="sub/test_seg").result

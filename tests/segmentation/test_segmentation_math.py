@@ -77,6 +77,8 @@ def official_predict_labels(models, features):
 
 @pytest.mark.parametrize("k", [1, 4, 5, 10])
 def test_vote_and_uncertainty_match_official(k):
+    """Checked once that it can fail: voting by the mean softmax's arg-max instead of torch.mode, or
+    a 0.9 factor on the mean entropy, fails the k = 4, 5 and 10 cases."""
     g = torch.Generator().manual_seed(2)
     feats = torch.randn(12, 9, 9, generator=g)
     models = _members(k=k)
