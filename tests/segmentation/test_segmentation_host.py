@@ -213,7 +213,9 @@ def test_sdxl_layout_trains_and_segments(seg_env):
 
     env = seg_env
     sdxl = _tiny_sdxl()
-    images, masks = env["images"][:1, :64, :64], env["masks"][:1, :64, :64]
+    images = env["images"][:1, :64, :64]
+    masks = torch.zeros(1, 64, 64)
+    masks[:, :, 32:] = 1.0
     seg, _ = PlugKitFeatureSegmenterTrain.execute(model=sdxl, vae=env["vae"], images=images, masks=masks,
                                                   ensemble_size=1, max_epochs=5).result
     assert seg.family == "SDXL" and seg.blocks == (2, 3, 4, 5, 6)
