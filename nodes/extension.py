@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from .comfy_io import ComfyExtension, io
-from . import differential_diffusion, diff_plugin, freeu, pnp
+from . import differential_diffusion, diff_plugin, freeu, pnp, segmentation
 
-TECHNIQUES = (freeu, diff_plugin, pnp, differential_diffusion)
+TECHNIQUES = (freeu, diff_plugin, pnp, differential_diffusion, segmentation)
 
 
 def all_nodes() -> list[type[io.ComfyNode]]:

@@ -22,6 +22,8 @@ FAMILIES = {
            "Non-U-Net models are refused with a clear error.",
     "differential_diffusion": "Every model ComfyUI samples (SD1.x, SD2.x, SDXL, SD3, Flux, other DiTs, "
                               "inpainting models).",
+    "segmentation": "U-Net models: SD1.x, SD2.x, SDXL (documented block mapping; tested on SD1.5-structured "
+                    "U-Nets). Non-U-Net models are refused with a clear error.",
 }
 
 
