@@ -19,7 +19,7 @@ import weakref
 
 from ..comfy_io import io
 from .backbone_scaling import VERSIONS
-from .freeu_patch import APPLY_TO, ROLES_KEY, THRESHOLD_MODES, FreeUPatch, cond_roles
+from .freeu_patch import APPLY_TO, ROLES_KEY, RUN_STATE_KEY, THRESHOLD_MODES, FreeUPatch, cond_roles
 from .presets import CUSTOM, PRESET_OPTIONS, native_latent, preset_version, resolve
 
 log = logging.getLogger(__name__)
@@ -78,22 +78,23 @@ def _freeu_outer_sample(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     core_at = [i for i, p in enumerate(patches) if is_core_freeu(p)]
     model_sampling = guider.model_patcher.get_model_object("model_sampling")
+    states = {}
     for i, patch in ours:
         later_core = any(j > i for j in core_at)
         if later_core:
             log.warning("%s: a core FreeU node was applied after it on the same model; the later FreeU "
                         "wins, so %s is off for this run (no double application).", NODE_ID, NODE_ID)
-        patch.begin_run(model_sampling, suppressed=later_core)
+        states[id(patch)] = patch.run_state(model_sampling, suppressed=later_core)
     # guider.model_options is this run's own clone (CFGGuider.sample): what is set here ends with the run.
     run_options = guider.model_options.setdefault("transformer_options", {})
+    run_options[RUN_STATE_KEY] = states
     run_options[RUN_KEY] = {"guider": weakref.ref(guider),
                             "by_role": any(p.apply_to != "both" for _, p in ours), "warned": False}
     try:
         return executor(*args, **kwargs)
     finally:
         run_options.pop(RUN_KEY, None)
-        for _, patch in ours:
-            patch.end_run()
+        run_options.pop(RUN_STATE_KEY, None)
 
 
 def _freeu_calc_cond_batch(executor, model, conds, x_in, timestep, model_options, *args, **kwargs):

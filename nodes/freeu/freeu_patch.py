@@ -19,6 +19,7 @@ Stages are found by the backbone's channel count: ``4 * model_channels`` gets (b
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +28,7 @@ from .fourier_filter import fourier_filter_any_device, resolution_threshold
 
 APPLY_TO = ("both", "cond", "uncond")
 THRESHOLD_MODES = ("fixed", "resolution-aware")
+RUN_STATE_KEY = "plugkit_freeu_patch_runs"  # transformer_options key: {id(patch): PatchRun}, this run only
 ROLES_KEY = "plugkit_freeu_roles"  # transformer_options key: role per calc_cond_batch conds index
 _STANDARD_ROLES = ("cond", "uncond")  # sampling_function's [positive, negative]: used when no roles are given
 
@@ -75,6 +77,17 @@ def chunk_role(code, roles) -> str | None:
     return table[code] if isinstance(code, int) and 0 <= code < len(table) else None
 
 
+@dataclass
+class PatchRun:
+    """One FreeU patch's state during one sampling run."""
+
+    sigma_start: float | None
+    sigma_end: float | None
+    suppressed: bool = False  # a later FreeU patch takes over for this run
+    seen_sigmas: "weakref.ref | None" = None  # the last step's sigmas tensor (answer cached per step)
+    seen_active: bool = True
+
+
 class FreeUPatch:
     """FreeU for one model: ``(h, hsp) -> (h', hsp')`` on the matching decoder stages.
 
@@ -106,52 +119,45 @@ class FreeUPatch:
         self.end_percent = float(end_percent)
         self.stages = {self.model_channels * 4: (self.b1, self.s1), self.model_channels * 2: (self.b2, self.s2)}
         self.gated = not (self.start_percent <= 0.0 and self.end_percent >= 1.0)
-        self.set_sigma_range(sigma_start, sigma_end)
-        self.suppressed = False  # set for one run when a later FreeU patch takes over
-        self._node_range = (self.sigma_start, self.sigma_end)
+        self.sigma_start, self.sigma_end = sigma_start, sigma_end  # the node's own range (None = ungated)
 
-    # -- per-run state (prepared and reset by the node's OUTER_SAMPLE wrapper) ---------------------
-    def set_sigma_range(self, sigma_start: float | None, sigma_end: float | None) -> None:
-        self.sigma_start = sigma_start
-        self.sigma_end = sigma_end
-        self._seen_sigmas = None  # weakref to the last step's sigmas tensor
-        self._seen_active = True
-
-    def begin_run(self, model_sampling=None, suppressed: bool = False) -> None:
+    # Since ComfyUI 0.14 clones share this object: per-run state lives in the run's transformer_options
+    # (a PatchRun under RUN_STATE_KEY, set and removed by the node's OUTER_SAMPLE wrapper), never here.
+    def run_state(self, model_sampling=None, suppressed: bool = False) -> "PatchRun":
+        """This patch's state for one run: the sigma range from the sampled model's model_sampling."""
         if model_sampling is not None and self.gated:
-            self.set_sigma_range(float(model_sampling.percent_to_sigma(self.start_percent)),
-                                 float(model_sampling.percent_to_sigma(self.end_percent)))
-        self.suppressed = suppressed
-
-    def end_run(self) -> None:
-        self.set_sigma_range(*self._node_range)
-        self.suppressed = False
+            return PatchRun(float(model_sampling.percent_to_sigma(self.start_percent)),
+                            float(model_sampling.percent_to_sigma(self.end_percent)), suppressed)
+        return PatchRun(self.sigma_start, self.sigma_end, suppressed)
 
     def __deepcopy__(self, memo):
-        # ModelPatcher.clone() deep-copies model_options: copy the settings, never per-run state.
+        # Settings only (older ComfyUI deep-copies model_options on clone()).
         return FreeUPatch(self.model_channels, self.b1, self.b2, self.s1, self.s2, version=self.version,
                           threshold=self.threshold, threshold_mode=self.threshold_mode,
                           reference_latent=self.reference_latent, apply_to=self.apply_to,
                           start_percent=self.start_percent, end_percent=self.end_percent,
-                          sigma_start=self._node_range[0], sigma_end=self._node_range[1])
+                          sigma_start=self.sigma_start, sigma_end=self.sigma_end)
 
     # -- gating -----------------------------------------------------------------------------------
     def is_active(self, transformer_options: dict) -> bool:
         """Whether this step is inside [start_percent, end_percent] (one host sync per step at most)."""
-        if self.suppressed:
+        state = (transformer_options.get(RUN_STATE_KEY) or {}).get(id(self))
+        if state is None:  # called outside the node's wrapper: the node's own range, uncached
+            state = PatchRun(self.sigma_start, self.sigma_end)
+        if state.suppressed:
             return False
-        if not self.gated or self.sigma_start is None or self.sigma_end is None:
+        if not self.gated or state.sigma_start is None or state.sigma_end is None:
             return True
         sigmas = transformer_options.get("sigmas")
         if sigmas is None:
             return True
-        seen = self._seen_sigmas() if self._seen_sigmas is not None else None
+        seen = state.seen_sigmas() if state.seen_sigmas is not None else None
         if seen is sigmas:
-            return self._seen_active
+            return state.seen_active
         sigma = float(sigmas.reshape(-1)[0])
-        active = self.sigma_end <= sigma <= self.sigma_start
-        self._seen_sigmas = weakref.ref(sigmas)
-        self._seen_active = active
+        active = state.sigma_end <= sigma <= state.sigma_start
+        state.seen_sigmas = weakref.ref(sigmas)
+        state.seen_active = active
         return active
 
     def threshold_for(self, transformer_options: dict):

@@ -191,9 +191,10 @@ def test_range_gates_the_patch(env, monkeypatch):
     assert 0 < len(inside) < len(schedule)
     assert {round(s, 4) for s in applied} == {round(s, 4) for s in inside}
     assert len(applied) == len(inside) * 10  # 10 FreeU concats per step (cond+uncond batched)
-    patch = freeu_patch_of(m)  # per-run state reset to the node's own values
+    patch = freeu_patch_of(m)  # the run's state lived in the run, not on the (shared) patch object
     assert patch.sigma_start == pytest.approx(hi) and patch.sigma_end == pytest.approx(lo)
-    assert patch._seen_sigmas is None and patch.suppressed is False
+    assert not hasattr(patch, "suppressed") and not hasattr(patch, "_seen_sigmas")
+    assert not any(k.startswith("plugkit_freeu") for k in m.model_options.get("transformer_options", {}))
 
 
 def test_range_outside_every_step_is_the_plain_model(env, memo):
@@ -206,8 +207,8 @@ def test_range_follows_model_sampling_applied_later(env, comfy_nodes, monkeypatc
     from plugkit.nodes.freeu.freeu_patch import FreeUPatch
 
     seen = []
-    real = FreeUPatch.begin_run
-    monkeypatch.setattr(FreeUPatch, "begin_run",
+    real = FreeUPatch.run_state
+    monkeypatch.setattr(FreeUPatch, "run_state",
                         lambda self, ms=None, suppressed=False: seen.append(ms) or real(self, ms, suppressed))
     m = ours(env[0], start_percent=0.25, end_percent=0.75)
     m2 = comfy_nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]().patch(m, "eps", True)[0]  # zsnr
@@ -270,7 +271,12 @@ def test_core_freeu_after_plugkit_wins(env, memo, comfy_nodes, caplog):
         out = run(env, chained)
     assert any("core FreeU" in r.getMessage() and "off for this run" in r.getMessage() for r in caplog.records)
     assert torch.equal(out, core_v2_run(env, memo, comfy_nodes))
-    assert freeu_patch_of(chained).suppressed is False  # reset after the run
+    # The suppression was this run's, not the patch object's (clones share it since ComfyUI 0.14):
+    # the same object on a model without the later core FreeU runs.
+    alone = ours(model, 1.1, 1.2, 0.5, 0.5)
+    alone.model_options["transformer_options"]["patches"]["output_block_patch"] = [freeu_patch_of(chained)]
+    assert torch.equal(run(env, alone), run(env, ours(model, 1.1, 1.2, 0.5, 0.5)))
+    assert not torch.equal(run(env, alone), base_run(env, memo))
 
 
 # -- models without a U-Net decoder -----------------------------------------------------------------

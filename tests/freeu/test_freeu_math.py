@@ -322,29 +322,46 @@ def test_patch_stages_by_channels():
     assert out[0] is h and out[1] is hsp  # other stages: untouched objects
 
 
+def in_run(o, patch, state):
+    o[fp.RUN_STATE_KEY] = {id(patch): state}
+    return o
+
+
 def test_patch_gating_skips_math(monkeypatch):
     calls = []
     monkeypatch.setattr(FreeUPatch, "_apply", lambda self, h, hsp, b, s, o: calls.append(float(o["sigmas"][0])) or (h, hsp))
     p = FreeUPatch(8, 1.3, 1.4, 0.9, 0.2, start_percent=0.2, end_percent=0.6)
-    p.begin_run(Sampling())  # range: sigma 8.0 .. 4.0
+    state = p.run_state(Sampling())  # range: sigma 8.0 .. 4.0
     for sigma in (9.5, 8.5, 8.0, 6.0, 4.0, 3.9, 1.0):
         h, hsp = rand(2, 32, 4, 4), rand(2, 32, 4, 4)
-        out = p(h, hsp, opts(sigma))
+        out = p(h, hsp, in_run(opts(sigma), p, state))
         if not (4.0 <= sigma <= 8.0):
             assert out[0] is h and out[1] is hsp
     assert calls == [8.0, 6.0, 4.0]
-    p.end_run()
-    assert p.sigma_start is None and p.sigma_end is None  # reset after the run
+    assert p.sigma_start is None and p.sigma_end is None  # the patch object itself holds no run state
+    calls.clear()
+    p(rand(2, 32, 4, 4), rand(2, 32, 4, 4), opts(9.5))  # outside a run: the node's own (ungated) range
+    assert calls == [9.5]
 
 
 def test_patch_gating_caches_per_step(monkeypatch):
     p = FreeUPatch(8, 1.3, 1.4, 0.9, 0.2, start_percent=0.5, end_percent=1.0)
-    p.begin_run(Sampling())
-    o = opts(9.0)
+    state = p.run_state(Sampling())
+    o = in_run(opts(9.0), p, state)
     assert p.is_active(o) is False
     o["sigmas"][0] = 1.0  # same tensor object: the step's answer is cached
     assert p.is_active(o) is False
-    assert p.is_active(opts(1.0)) is True
+    assert p.is_active(in_run(opts(1.0), p, state)) is True
+
+
+def test_two_runs_sharing_one_patch_keep_their_own_state():
+    """Since ComfyUI 0.14 clones share patch objects: one run's range or suppression never reaches another."""
+    p = FreeUPatch(8, 1.3, 1.4, 0.9, 0.2, start_percent=0.2, end_percent=0.6)
+    first, second = p.run_state(Sampling(), suppressed=True), p.run_state(Sampling())
+    assert p.is_active(in_run(opts(6.0), p, first)) is False
+    assert p.is_active(in_run(opts(6.0), p, second)) is True
+    assert p.is_active(in_run(opts(9.0), p, second)) is False
+    assert p.is_active(opts(9.0)) is True
 
 
 def test_patch_apply_to_rows():
@@ -377,12 +394,11 @@ def test_patch_resolution_aware_threshold():
         FreeUPatch(8, 1, 1, 1, 1, threshold_mode="big")
 
 
-def test_patch_deepcopy_copies_settings_not_run_state():
+def test_patch_deepcopy_copies_settings():
     p = FreeUPatch(8, 1.3, 1.4, 0.9, 0.2, start_percent=0.5, sigma_start=7.0, sigma_end=0.0)
-    p.begin_run(Sampling(), suppressed=True)
     q = copy.deepcopy(p)
     assert q is not p and q.b1 == 1.3 and q.start_percent == 0.5
-    assert (q.sigma_start, q.sigma_end, q.suppressed) == (7.0, 0.0, False)
+    assert (q.sigma_start, q.sigma_end) == (7.0, 0.0)
     assert getattr(q, "plugkit_freeu", False)
 
 
