@@ -11,6 +11,12 @@ Formats read:
 
 Pickled files are read with ``torch.load(weights_only=True)`` only: no code from a checkpoint runs.
 Every key set is checked strictly; errors name the file and the fix.
+
+Finding files (``scan_plugin_folders``, ``resolve_name``): names are relative paths inside the
+registered folders, nothing else. An absolute name, a ``..`` component or a symlink whose target lies
+outside the folder resolves to nothing, exactly like a missing file (a prompt cannot probe the disk).
+The scan never follows a link out of its folder or back into a folder it has seen, and stops at
+``MAX_SCAN_DEPTH`` levels and ``MAX_SCAN_DIRS`` folders, so a symlink loop cannot stall the server.
 """
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ import json
 import logging
 import os
 import tempfile
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
@@ -31,6 +38,8 @@ PLUGIN_FORMAT = "plugkit.diff_plugin.task_plugin"
 SELECTOR_FORMAT = "plugkit.diff_plugin.selector"
 FORMAT_VERSION = "1"
 SCB_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+MAX_SCAN_DEPTH = 8  # folder levels below a registered folder (the released layout needs 2)
+MAX_SCAN_DIRS = 4096  # folders visited per scan, all registered folders together
 
 # What the released SCB config must say for our fixed architecture to be the right one.
 SCB_CONFIG_REQUIRED = {
@@ -170,7 +179,7 @@ def load_released_plugin(directory: str | os.PathLike, name: str | None = None) 
     if not tpb_path.is_file():
         raise PluginFileError(f"Diff-Plugin: '{tpb_path}' not found; a released plugin folder holds tpb.pt.")
     _load_strict(plugin.tpb, load_tpb_state(tpb_path), tpb_path, "Diff-Plugin TPB")
-    return plugin.eval().requires_grad_(False)
+    return plugin.train(False).requires_grad_(False)
 
 
 def plugin_state_dict(plugin: TaskPlugin) -> dict[str, torch.Tensor]:
@@ -187,11 +196,11 @@ def plugin_metadata(plugin: TaskPlugin, extra: dict[str, str] | None = None) -> 
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike) -> Path:
-    """Write to a temporary file in the same folder, then rename over ``path`` (never a half-written file)."""
+    """Write to a temporary file in the same folder, then rename over ``path`` (never a half-written file;
+    the previous file stays whole until the new one is). The folder must exist: nothing is created here."""
     import safetensors.torch
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     os.close(fd)
     try:
@@ -230,7 +239,7 @@ def load_plugin_safetensors(path: str | os.PathLike, name: str | None = None) ->
         )
     _load_strict(plugin.tpb, tpb, path, "Diff-Plugin TPB")
     _load_strict(plugin.scb, scb, path, "Diff-Plugin SCB")
-    return plugin.eval().requires_grad_(False), metadata
+    return plugin.train(False).requires_grad_(False), metadata
 
 
 def load_plugin(path: str | os.PathLike, name: str | None = None) -> TaskPlugin:
@@ -267,7 +276,7 @@ def load_selector(path: str | os.PathLike) -> PromptTuner:
             raise PluginFileError(f"Diff-Plugin: '{path}' holds no selector state dict (expected {{'model': state_dict}}).")
     tuner = PromptTuner()
     _load_strict(tuner, _strip_prefix(dict(sd)), path, "Diff-Plugin Plugin-Selector (PromptTunner)")
-    return tuner.eval().requires_grad_(False)
+    return tuner.train(False).requires_grad_(False)
 
 
 def save_selector(tuner: PromptTuner, path: str | os.PathLike) -> Path:
@@ -275,17 +284,156 @@ def save_selector(tuner: PromptTuner, path: str | os.PathLike) -> Path:
     return atomic_save_safetensors(sd, {"format": SELECTOR_FORMAT, "version": FORMAT_VERSION}, path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python custom_nodes/ComfyUI-PlugKit/cli.py convert-diff-plugin <released folder> [output.safetensors]``."""
-    import argparse
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The safetensors header metadata only (no tensor is read); raises PluginFileError when unreadable."""
+    from safetensors import safe_open
 
-    parser = argparse.ArgumentParser(description="Convert a released Diff-Plugin folder to a PlugKit .safetensors plugin.")
-    parser.add_argument("command", choices=["convert"])
-    parser.add_argument("folder", help="released plugin folder holding scb/ and tpb.pt")
-    parser.add_argument("output", nargs="?", help="output .safetensors (default: <folder>.safetensors)")
-    args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = convert_released_plugin(args.folder, args.output)
-    log.info("wrote %s", out)
-    return 0
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:
+        raise PluginFileError(f"Diff-Plugin: cannot read '{path}' ({type(exc).__name__}: {exc}).") from exc
+
+
+# --- finding files inside the registered folders --------------------------------------------------
+
+def is_inside(real: str, base_real: str) -> bool:
+    return real != base_real and real.startswith(base_real.rstrip(os.sep) + os.sep)
+
+
+def safe_relative_name(name: object) -> tuple[str, ...] | None:
+    """The parts of a relative name as the scan lists it ('derain', 'team/my.safetensors'), or None for
+    anything else: not a string, empty, absolute (posix or Windows, drive or UNC), '..' or NUL inside."""
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
+        return None
+    text = name.replace("\\", "/")
+    if PurePosixPath(text).is_absolute() or PureWindowsPath(name).drive or PureWindowsPath(name).root:
+        return None
+    parts = tuple(p for p in PurePosixPath(text).parts if p != ".")
+    if not parts or ".." in parts:
+        return None
+    return parts
+
+
+def resolve_name(name: object, folders: list[str] | tuple[str, ...]) -> Path | None:
+    """``name`` inside the first of ``folders`` that holds it, or None: missing, or outside every folder
+    (absolute, '..', a symlink whose target lies outside). Callers give one message for all of these."""
+    parts = safe_relative_name(name)
+    if parts is None:
+        return None
+    for base in folders:
+        candidate = os.path.join(base, *parts)
+        if not os.path.exists(candidate):
+            continue
+        if is_inside(os.path.realpath(candidate), os.path.realpath(base)):
+            return Path(candidate)
+    return None
+
+
+_KIND_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def safetensors_kind(path: str | os.PathLike) -> str:
+    """'plugin', 'selector', 'other' or 'unreadable', from the header only; cached per (path, size, mtime)."""
+    path = str(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "unreadable"
+    key = (path, st.st_size, st.st_mtime_ns)
+    kind = _KIND_CACHE.get(key)
+    if kind is None:
+        kind = _read_safetensors_kind(path)
+        if len(_KIND_CACHE) > 4096:
+            _KIND_CACHE.clear()
+        _KIND_CACHE[key] = kind
+    return kind
+
+
+def _read_safetensors_kind(path: str) -> str:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+    except Exception:
+        return "unreadable"
+    if meta.get("format") == SELECTOR_FORMAT or (keys and all(k.split(".")[0] in ("proj_v", "proj_t", "logit_scale") for k in keys)):
+        return "selector"
+    if meta.get("format") == PLUGIN_FORMAT or any(k.startswith("tpb.") for k in keys):
+        return "plugin"
+    return "other"
+
+
+@dataclass
+class FolderScan:
+    plugins: list[str] = field(default_factory=list)  # released folders and .safetensors plugins
+    selectors: list[str] = field(default_factory=list)
+    dirs_visited: int = 0
+    truncated: bool = False  # MAX_SCAN_DIRS reached: the lists may be incomplete
+
+
+def scan_plugin_folders(folders: list[str] | tuple[str, ...], max_depth: int = MAX_SCAN_DEPTH,
+                        max_dirs: int = MAX_SCAN_DIRS) -> FolderScan:
+    """Plugins and selectors under ``folders``, as relative posix names that ``resolve_name`` accepts.
+
+    Each real folder is visited once (a symlink to a folder already seen, e.g. a loop, is skipped), links
+    out of the registered folder are skipped, and the walk stops ``max_depth`` levels down and after
+    ``max_dirs`` folders in all: it always ends, after at most ``max_dirs`` folder listings."""
+    plugins: set[str] = set()
+    selectors: set[str] = set()
+    scan = FolderScan()
+    seen: set[str] = set()
+    for base in folders:
+        base_real = os.path.realpath(base)
+        if not os.path.isdir(base_real) or base_real in seen:
+            continue
+        seen.add(base_real)
+        stack: list[tuple[str, tuple[str, ...]]] = [(base, ())]
+        while stack:
+            if scan.dirs_visited >= max_dirs:
+                scan.truncated = True
+                break
+            directory, rel = stack.pop()
+            scan.dirs_visited += 1
+            try:
+                entries = sorted(os.scandir(directory), key=lambda e: e.name)
+            except OSError:
+                continue
+            for entry in entries:
+                name = entry.name
+                try:
+                    is_dir = entry.is_dir()
+                    is_file = not is_dir and entry.is_file()
+                    real = os.path.realpath(entry.path) if entry.is_symlink() else None
+                except OSError:
+                    continue
+                if real is not None and not is_inside(real, base_real):
+                    continue  # a link out of the folder (or to the folder itself)
+                child_rel = (*rel, name)
+                if is_dir:
+                    real = real or os.path.realpath(entry.path)
+                    if real in seen:
+                        continue
+                    seen.add(real)
+                    if is_released_plugin_dir(entry.path):
+                        plugins.add("/".join(child_rel))
+                    elif len(child_rel) < max_depth:
+                        stack.append((entry.path, child_rel))
+                elif is_file:
+                    rel_name = "/".join(child_rel)
+                    if name.endswith(".safetensors"):
+                        kind = safetensors_kind(entry.path)
+                        if kind == "plugin":
+                            plugins.add(rel_name)
+                        elif kind == "selector":
+                            selectors.add(rel_name)
+                    elif name.endswith(".pt") and name != "tpb.pt" and not name.endswith(".optim.pt"):
+                        selectors.add(rel_name)
+        if scan.truncated:
+            log.warning("Diff-Plugin: stopped listing %s after %d folders; keep plugins at most %d levels deep "
+                        "in a smaller folder", ", ".join(folders), max_dirs, max_depth)
+            break
+    scan.plugins, scan.selectors = sorted(plugins), sorted(selectors)
+    return scan
