@@ -378,9 +378,10 @@ def scan_plugin_folders(folders: list[str] | tuple[str, ...], max_depth: int = M
                         max_dirs: int = MAX_SCAN_DIRS) -> FolderScan:
     """Plugins and selectors under ``folders``, as relative posix names that ``resolve_name`` accepts.
 
-    Each real folder is visited once (a symlink to a folder already seen, e.g. a loop, is skipped), links
-    out of the registered folder are skipped, and the walk stops ``max_depth`` levels down and after
-    ``max_dirs`` folders in all: it always ends, after at most ``max_dirs`` folder listings."""
+    Only real folders are walked, each once: a link to a folder is listed when it is a plugin folder inside
+    the registered folder and never entered (so no loop), a link out is skipped, and the walk stops
+    ``max_depth`` levels down and after ``max_dirs`` folders in all: it always ends, after at most
+    ``max_dirs`` folder listings."""
     plugins: set[str] = set()
     selectors: set[str] = set()
     scan = FolderScan()
@@ -413,13 +414,14 @@ def scan_plugin_folders(folders: list[str] | tuple[str, ...], max_depth: int = M
                     continue  # a link out of the folder (or to the folder itself)
                 child_rel = (*rel, name)
                 if is_dir:
-                    real = real or os.path.realpath(entry.path)
-                    if real in seen:
-                        continue
-                    seen.add(real)
                     if is_released_plugin_dir(entry.path):
-                        plugins.add("/".join(child_rel))
-                    elif len(child_rel) < max_depth:
+                        plugins.add("/".join(child_rel))  # a link to a plugin folder inside is a second name
+                        continue
+                    if real is not None:
+                        continue  # a linked folder inside: its files are listed under its real path
+                    real = os.path.realpath(entry.path)
+                    if real not in seen and len(child_rel) < max_depth:  # (seen: bind mounts)
+                        seen.add(real)
                         stack.append((entry.path, child_rel))
                 elif is_file:
                     rel_name = "/".join(child_rel)

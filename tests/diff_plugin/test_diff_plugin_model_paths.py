@@ -45,3 +45,86 @@ def test_missing_plugin_names_every_searched_folder(comfy, tmp_path):
     assert "PlugKitTaskPluginLoader" in message and "no_such_plugin" in message
     for folder in plugin_folders():
         assert folder in message
+
+
+@pytest.fixture
+def plugin_folder(comfy, tmp_path):
+    """A registered diff_plugin folder holding 'derain' and a selector, and a real plugin and selector
+    outside every registered folder (what a hostile prompt would try to reach)."""
+    import folder_paths
+    import torch
+
+    from plugkit.nodes.diff_plugin.plugin_nodes import plugin_folders
+    from plugkit.nodes.diff_plugin.plugin_selector import PromptTuner
+
+    base = tmp_path / "models" / "diff_plugin"
+    write_released_plugin(base, "derain", seed=0)
+    outside = tmp_path / "elsewhere"
+    write_released_plugin(outside, "evil", seed=1)
+    torch.save({"model": PromptTuner().state_dict()}, outside / "PromptTunner.pt")
+    (base / "link_out").symlink_to(outside / "evil")
+    (base / "selector_out.pt").symlink_to(outside / "PromptTunner.pt")
+    plugin_folders()
+    before = {k: (list(v[0]), set(v[1])) for k, v in folder_paths.folder_names_and_paths.items()}
+    folder_paths.folder_names_and_paths["diff_plugin"] = ([str(base)], set())
+    try:
+        yield base, outside
+    finally:
+        folder_paths.folder_names_and_paths.clear()
+        folder_paths.folder_names_and_paths.update(before)
+
+
+def _message(call, name) -> str:
+    with pytest.raises(ValueError) as err:
+        call(name)
+    return str(err.value).replace(repr(name), "<name>")
+
+
+def test_names_outside_the_folders_get_the_not_found_message(plugin_folder):
+    """ComfyUI 0.3.75 does not check V3 dropdown values, so the node must: a name that leaves the folders
+    (absolute, '..', a link out) gets exactly the message of a missing name, whether or not it exists."""
+    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitPluginSelector, PlugKitTaskPluginLoader
+
+    base, outside = plugin_folder
+    assert PlugKitTaskPluginLoader.execute(plugin_name="derain").result[0].name == "derain"
+    hostile = [str(outside / "evil"), "../../elsewhere/evil", "derain/../../../elsewhere/evil", "link_out",
+               "/etc/passwd", "../" * 12 + "etc/passwd", "/nonexistent/path"]
+
+    def load(name):
+        return PlugKitTaskPluginLoader.execute(plugin_name=name)
+
+    missing = _message(load, "no_such_plugin")
+    assert missing.startswith("PlugKitTaskPluginLoader: input 'plugin_name':") and str(base) in missing
+    for name in hostile:
+        assert _message(load, name) == missing, name
+
+    def select(name):
+        return PlugKitPluginSelector.execute(clip=None, clip_vision=None, image=None, instruction="x",
+                                             selector_name=name, plugin_1=object())
+
+    missing = _message(select, "no_such_selector.pt")
+    assert missing.startswith("PlugKitPluginSelector: input 'selector_name':")
+    for name in [str(outside / "PromptTunner.pt"), "../../elsewhere/PromptTunner.pt", "selector_out.pt", "/etc/passwd"]:
+        assert _message(select, name) == missing, name
+
+
+def test_listing_offers_only_names_the_loader_accepts(plugin_folder):
+    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitTaskPluginLoader, scan_folder
+
+    plugins, selectors = scan_folder()
+    assert plugins == ["derain"] and selectors == []  # the links out are not listed
+    assert PlugKitTaskPluginLoader.define_schema().inputs[0].options == ["derain"]
+
+
+def test_choice_inputs_are_checked_by_the_nodes(comfy):
+    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitPluginSelector, PlugKitRunPluginChain
+
+    with pytest.raises(ValueError, match=r"PlugKitPluginSelector: input 'rule' is 'best'; use one of"):
+        PlugKitPluginSelector.execute(clip=None, clip_vision=None, image=None, instruction="x",
+                                      selector_name="s.pt", rule="best", plugin_1=object())
+    with pytest.raises(ValueError, match=r"PlugKitRunPluginChain: input 'scheduler' is 'fast'; use one of"):
+        PlugKitRunPluginChain.execute(model=None, clip_vision=None, vae=None, image=None, plugin=object(),
+                                      scheduler="fast")
+    with pytest.raises(ValueError, match=r"PlugKitRunPluginChain: input 'sampler_name' is '../x'"):
+        PlugKitRunPluginChain.execute(model=None, clip_vision=None, vae=None, image=None, plugin=object(),
+                                      sampler_name="../x")
