@@ -95,10 +95,11 @@ def _output_folder(output: Path, prog: str, option: str) -> None:
                          "(nothing is created outside what you name)")
 
 
-def check_train_args(args: argparse.Namespace, prog: str = f"cli.py {TRAIN}") -> Path:
-    """Checks that need only the file system; returns the output path."""
+def check_train_args(args: argparse.Namespace, prog: str = f"cli.py {TRAIN}", given: tuple[str, ...] = ()) -> Path:
+    """Checks that need only the file system; returns the output path. ``given``: options whose model was
+    passed in-process (not read from the file)."""
     for option, value in (("--checkpoint", args.checkpoint), ("--clip-vision", args.clip_vision)):
-        if not Path(value).is_file():
+        if option not in given and not Path(value).is_file():
             raise UsageError(f"{prog}: error: {option}: file '{value}' not found")
     if not Path(args.data).is_dir():
         raise UsageError(f"{prog}: error: --data: folder '{args.data}' does not exist")
@@ -195,7 +196,9 @@ def run(command: str, args: argparse.Namespace, output: Path) -> int:
 
 def main(argv=None, *, model=None, clip_vision=None, vae=None) -> int:
     """``train-diff-plugin`` in-process; ``model``/``clip_vision``/``vae`` may be passed in (tests)."""
-    args, output = parse(TRAIN, list(argv or []))
+    args = train_parser().parse_args(list(argv or []))
+    given = (("--checkpoint",) if model is not None and vae is not None else ()) + (("--clip-vision",) if clip_vision is not None else ())
+    output = check_train_args(args, given=given)
     return run_train(args, output, model=model, clip_vision=clip_vision, vae=vae)
 
 
