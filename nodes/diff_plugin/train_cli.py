@@ -149,11 +149,20 @@ def run_train(args: argparse.Namespace, output: Path, *, model=None, clip_vision
     if model is None or vae is None:
         import comfy.sd
 
-        model, _, vae, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=False)
+        try:
+            model, _, vae, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=False)
+        except Exception as exc:  # ComfyUI's loader raises many types for a file that is no checkpoint
+            raise ValueError(f"--checkpoint: cannot load '{args.checkpoint}' ({type(exc).__name__}: {exc}); "
+                             "name an SD 1.x checkpoint") from exc
+        if model is None or vae is None:
+            raise ValueError(f"--checkpoint: '{args.checkpoint}' holds no SD 1.x model and VAE")
     if clip_vision is None:
         import comfy.clip_vision
 
-        clip_vision = comfy.clip_vision.load(args.clip_vision)
+        try:
+            clip_vision = comfy.clip_vision.load(args.clip_vision)
+        except Exception as exc:
+            raise ValueError(f"--clip-vision: cannot load '{args.clip_vision}' ({type(exc).__name__}: {exc})") from exc
         if clip_vision is None:
             raise ValueError(f"--clip-vision: '{args.clip_vision}' is not a CLIP vision model")
     from .train_nodes import train_from_folder
