@@ -12,11 +12,11 @@ Formats read:
 Pickled files are read with ``torch.load(weights_only=True)`` only: no code from a checkpoint runs.
 Every key set is checked strictly; errors name the file and the fix.
 
-Finding files (``scan_plugin_folders``, ``resolve_name``): names are relative paths inside the
-registered folders, nothing else. An absolute name, a ``..`` component or a symlink whose target lies
-outside the folder resolves to nothing, exactly like a missing file (a prompt cannot probe the disk).
-The scan never follows a link out of its folder or back into a folder it has seen, and stops at
-``MAX_SCAN_DEPTH`` levels and ``MAX_SCAN_DIRS`` folders, so a symlink loop cannot stall the server.
+Finding files (``scan_plugin_folders``, ``resolve_name``): a node accepts only a name the scan of the
+registered folders lists; anything else (an absolute path, ``..``, a file that is no plugin) resolves
+to nothing, exactly like a missing file, so a prompt can neither load nor probe other files. The scan
+enters each real folder at most once and stops at ``MAX_SCAN_DEPTH`` levels and ``MAX_SCAN_DIRS``
+folders, so a symlink loop cannot stall the server.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import tempfile
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -315,19 +316,18 @@ def safe_relative_name(name: object) -> tuple[str, ...] | None:
     return parts
 
 
-def resolve_name(name: object, folders: list[str] | tuple[str, ...]) -> Path | None:
-    """``name`` inside the first of ``folders`` that holds it, or None: missing, or outside every folder
-    (absolute, '..', a symlink whose target lies outside). Callers give one message for all of these."""
+def resolve_name(name: object, folders: list[str] | tuple[str, ...], kind: str = "plugin") -> Path | None:
+    """The file or folder of ``name`` when it is one the scan of ``folders`` lists as ``kind`` ('plugin' or
+    'selector'), else None: missing, not a plugin, or not a name inside the folders (absolute, '..').
+    Callers give one message for all of these, so an answer says nothing about the rest of the disk."""
     parts = safe_relative_name(name)
     if parts is None:
         return None
-    for base in folders:
-        candidate = os.path.join(base, *parts)
-        if not os.path.exists(candidate):
-            continue
-        if is_inside(os.path.realpath(candidate), os.path.realpath(base)):
-            return Path(candidate)
-    return None
+    scan = scan_plugin_folders(folders)
+    key = "/".join(parts)
+    if key not in (scan.plugins if kind == "plugin" else scan.selectors):
+        return None
+    return Path(scan.paths[key])
 
 
 _KIND_CACHE: dict[tuple[str, int, int], str] = {}
@@ -370,72 +370,80 @@ def _read_safetensors_kind(path: str) -> str:
 class FolderScan:
     plugins: list[str] = field(default_factory=list)  # released folders and .safetensors plugins
     selectors: list[str] = field(default_factory=list)
+    paths: dict[str, str] = field(default_factory=dict)  # listed name -> its path (the first folder wins)
     dirs_visited: int = 0
     truncated: bool = False  # MAX_SCAN_DIRS reached: the lists may be incomplete
 
 
 def scan_plugin_folders(folders: list[str] | tuple[str, ...], max_depth: int = MAX_SCAN_DEPTH,
                         max_dirs: int = MAX_SCAN_DIRS) -> FolderScan:
-    """Plugins and selectors under ``folders``, as relative posix names that ``resolve_name`` accepts.
+    """Plugins and selectors under ``folders``, as relative posix names (what the nodes list and accept).
 
-    Only real folders are walked, each once: a link to a folder is listed when it is a plugin folder inside
-    the registered folder and never entered (so no loop), a link out is skipped, and the walk stops
-    ``max_depth`` levels down and after ``max_dirs`` folders in all: it always ends, after at most
-    ``max_dirs`` folder listings."""
-    plugins: set[str] = set()
-    selectors: set[str] = set()
+    Links placed in the folders are followed, as ComfyUI follows them in its own model folders, but each
+    real folder is entered at most once (by its resolved path), real folders before linked ones, so a
+    link loop ends at once; the walk also stops ``max_depth`` levels down and after ``max_dirs`` folder
+    listings in all. A released plugin folder is listed, never entered."""
     scan = FolderScan()
-    seen: set[str] = set()
+    plugins: dict[str, str] = {}
+    selectors: dict[str, str] = {}
+    visited: set[str] = set()
     for base in folders:
         base_real = os.path.realpath(base)
-        if not os.path.isdir(base_real) or base_real in seen:
+        if not os.path.isdir(base_real) or base_real in visited:
             continue
-        seen.add(base_real)
-        stack: list[tuple[str, tuple[str, ...]]] = [(base, ())]
-        while stack:
+        visited.add(base_real)
+        real_dirs: list[tuple[str, tuple[str, ...]]] = [(base, ())]
+        linked_dirs: deque[tuple[str, tuple[str, ...]]] = deque()  # first found, first entered
+        while real_dirs or linked_dirs:
+            if real_dirs:
+                directory, rel = real_dirs.pop()
+            else:
+                directory, rel = linked_dirs.popleft()
+                real = os.path.realpath(directory)
+                if real in visited:
+                    continue  # a loop, or a folder already listed under its real name
+                visited.add(real)
             if scan.dirs_visited >= max_dirs:
                 scan.truncated = True
                 break
-            directory, rel = stack.pop()
             scan.dirs_visited += 1
             try:
                 entries = sorted(os.scandir(directory), key=lambda e: e.name)
             except OSError:
                 continue
             for entry in entries:
-                name = entry.name
+                child_rel = (*rel, entry.name)
+                name = "/".join(child_rel)
                 try:
                     is_dir = entry.is_dir()
                     is_file = not is_dir and entry.is_file()
-                    real = os.path.realpath(entry.path) if entry.is_symlink() else None
+                    is_link = entry.is_symlink()
                 except OSError:
                     continue
-                if real is not None and not is_inside(real, base_real):
-                    continue  # a link out of the folder (or to the folder itself)
-                child_rel = (*rel, name)
                 if is_dir:
                     if is_released_plugin_dir(entry.path):
-                        plugins.add("/".join(child_rel))  # a link to a plugin folder inside is a second name
-                        continue
-                    if real is not None:
-                        continue  # a linked folder inside: its files are listed under its real path
-                    real = os.path.realpath(entry.path)
-                    if real not in seen and len(child_rel) < max_depth:  # (seen: bind mounts)
-                        seen.add(real)
-                        stack.append((entry.path, child_rel))
+                        plugins.setdefault(name, entry.path)
+                    elif len(child_rel) < max_depth:
+                        if is_link:
+                            linked_dirs.append((entry.path, child_rel))
+                        else:
+                            real = os.path.realpath(entry.path)
+                            if real not in visited:  # (bind mounts)
+                                visited.add(real)
+                                real_dirs.append((entry.path, child_rel))
                 elif is_file:
-                    rel_name = "/".join(child_rel)
-                    if name.endswith(".safetensors"):
+                    if entry.name.endswith(".safetensors"):
                         kind = safetensors_kind(entry.path)
                         if kind == "plugin":
-                            plugins.add(rel_name)
+                            plugins.setdefault(name, entry.path)
                         elif kind == "selector":
-                            selectors.add(rel_name)
-                    elif name.endswith(".pt") and name != "tpb.pt" and not name.endswith(".optim.pt"):
-                        selectors.add(rel_name)
+                            selectors.setdefault(name, entry.path)
+                    elif entry.name.endswith(".pt") and entry.name != "tpb.pt" and not entry.name.endswith(".optim.pt"):
+                        selectors.setdefault(name, entry.path)
         if scan.truncated:
             log.warning("Diff-Plugin: stopped listing %s after %d folders; keep plugins at most %d levels deep "
                         "in a smaller folder", ", ".join(folders), max_dirs, max_depth)
             break
     scan.plugins, scan.selectors = sorted(plugins), sorted(selectors)
+    scan.paths = {**selectors, **plugins}
     return scan

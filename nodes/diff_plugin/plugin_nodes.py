@@ -42,15 +42,15 @@ def plugin_folders() -> list[str]:
 
 def scan_folder() -> tuple[list[str], list[str]]:
     """(plugin names, selector names) under every diff_plugin folder, as relative posix paths (a bounded
-    scan that never follows links out of the folders or round a loop: plugin_files.scan_plugin_folders)."""
+    scan that never goes round a link loop: plugin_files.scan_plugin_folders)."""
     scan = plugin_files.scan_plugin_folders(plugin_folders())
     return scan.plugins, scan.selectors
 
 
 def resolve(name: str, node: str, what: str) -> Path:
-    """The plugin or selector ``name`` inside the diff_plugin folders. A name that is missing, absolute,
-    climbs out with '..' or is a link out of the folders gets the same error (no probing of the disk)."""
-    path = plugin_files.resolve_name(name, plugin_folders())
+    """The plugin or selector ``name`` as the folder scan lists it. Any other name (missing, absolute, with
+    '..', not a plugin) gets the same error, so a prompt can neither load nor probe other files."""
+    path = plugin_files.resolve_name(name, plugin_folders(), what)
     if path is not None:
         return path
     raise ValueError(

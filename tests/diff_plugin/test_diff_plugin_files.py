@@ -166,42 +166,43 @@ def _plugin_tree(tmp_path):
     return base, outside
 
 
-def test_names_resolve_inside_the_folders_only(tmp_path):
+def test_only_listed_names_resolve(tmp_path):
     base, outside = _plugin_tree(tmp_path)
     folders = [str(base)]
     assert pf.resolve_name("derain", folders) == base / "derain"
     assert pf.resolve_name("./mine.safetensors", folders) == base / "mine.safetensors"
+    torch.save({"model": PromptTuner().state_dict()}, base / "PromptTunner.pt")
+    assert pf.resolve_name("PromptTunner.pt", folders, "selector") == base / "PromptTunner.pt"
+    assert pf.resolve_name("PromptTunner.pt", folders, "plugin") is None  # the kind must match too
+    # links the owner placed in the folder are followed, as ComfyUI does in its model folders
     (base / "team").mkdir()
-    (base / "team" / "alias").symlink_to(base / "derain")  # a link that stays inside is fine
+    (base / "team" / "alias").symlink_to(base / "derain")
+    (base / "linked").symlink_to(outside / "evil")
     assert pf.resolve_name("team/alias", folders) == base / "team" / "alias"
-    (base / "link_out").symlink_to(outside / "evil")  # a link out is refused like a missing file
-    (base / "file_out.safetensors").symlink_to(outside / "evil_file.safetensors")
+    assert pf.resolve_name("linked", folders) == base / "linked"
     refused = [
         str(outside / "evil"), str(outside / "evil_file.safetensors"),  # absolute paths to real plugins
-        "../../elsewhere/evil", "derain/../../../elsewhere/evil", "..\\..\\elsewhere\\evil",
+        str(base / "derain"),  # even an absolute path inside: names only
+        "../elsewhere/evil", "../../elsewhere/evil", "derain/../../elsewhere/evil", "..\\elsewhere\\evil",
         "/etc/passwd", "../../../../../../etc/passwd", "C:\\Windows\\win.ini", "\\\\server\\share\\x",
-        "link_out", "file_out.safetensors", "", "  ", ".", "derain\x00", None, 3, ["derain"],
-        "no_such_plugin",
+        "derain/tpb.pt", "derain/scb", "team", "mine.safetensors/..", "", "  ", ".", "derain\x00",
+        None, 3, ["derain"], "no_such_plugin",
     ]
     for name in refused:
         assert pf.resolve_name(name, folders) is None, name
-    # the folder itself is not a name either
-    assert pf.resolve_name(".", folders) is None and pf.resolve_name("team/..", folders) is None
 
 
-def test_scan_lists_plugins_and_skips_links_out(tmp_path):
+def test_scan_lists_what_resolves(tmp_path):
     base, outside = _plugin_tree(tmp_path)
     torch.save({"model": PromptTuner().state_dict()}, base / "PromptTunner.pt")
     (base / "mine.safetensors.optim.pt").write_bytes(b"optimizer state")
-    (base / "link_out").symlink_to(outside)
-    (base / "file_out.safetensors").symlink_to(outside / "evil_file.safetensors")
+    (base / "shared").symlink_to(outside)  # a linked folder of plugins
     (base / "alias").symlink_to(base / "derain")
     scan = pf.scan_plugin_folders([str(base)])
-    assert scan.plugins == ["alias", "derain", "mine.safetensors"]
+    assert scan.plugins == ["alias", "derain", "mine.safetensors", "shared/evil", "shared/evil_file.safetensors"]
     assert scan.selectors == ["PromptTunner.pt"]
-    assert not any("evil" in name or "out" in name for name in scan.plugins + scan.selectors)
-    for name in scan.plugins + scan.selectors:  # everything listed is loadable by name
-        assert pf.resolve_name(name, [str(base)]) is not None, name
+    for name in scan.plugins:
+        assert pf.resolve_name(name, [str(base)]) == base / name, name
 
 
 def _scan_in_thread(folders, **kw):
@@ -218,8 +219,9 @@ def _scan_in_thread(folders, **kw):
 
 
 def test_symlink_loops_end_the_scan(tmp_path):
-    """Two loops (a link to the folder's root, one to a sibling) and a self link. os.walk(followlinks=True),
-    the previous scan, never ended here (checked: still walking after 60 s). Every real folder is listed once."""
+    """Two loops (a link to the folder's root, one to a sibling), a self link, and a linked folder reached
+    twice. os.walk(followlinks=True), the previous scan, never ended here (checked: 500,000 folders and
+    still walking after 60 s). Each real folder is listed once, under its real name first."""
     import time
 
     base = tmp_path / "diff_plugin"
@@ -228,12 +230,17 @@ def test_symlink_loops_end_the_scan(tmp_path):
     (base / "a" / "up").symlink_to(base)
     (base / "b" / "sideways").symlink_to(base / "a")
     (base / "b" / "self").symlink_to(base / "b")
-    real_dirs = sum(1 for p in base.rglob("*") if p.is_dir() and not p.is_symlink()) + 1
+    outside = tmp_path / "outside"
+    write_released_plugin(outside / "c", "dehaze", seed=1)
+    (outside / "c" / "back").symlink_to(base)
+    (base / "b" / "out1").symlink_to(outside)
+    (base / "b" / "out2").symlink_to(outside)
+    real_dirs = {str(p.resolve()) for root in (base, outside) for p in [root, *root.rglob("*")] if p.is_dir()}
     started = time.perf_counter()
     scan = _scan_in_thread([str(base)])
     elapsed = time.perf_counter() - started
-    assert scan.plugins == ["a/derain"] and not scan.truncated
-    assert scan.dirs_visited <= real_dirs, (scan.dirs_visited, real_dirs)
+    assert scan.plugins == ["a/derain", "b/out1/c/dehaze"] and not scan.truncated
+    assert scan.dirs_visited <= len(real_dirs), (scan.dirs_visited, len(real_dirs))
     print(f"loop scan: {scan.dirs_visited} folders in {elapsed * 1000:.1f} ms")
 
 

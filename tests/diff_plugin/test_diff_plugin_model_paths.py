@@ -62,8 +62,6 @@ def plugin_folder(comfy, tmp_path):
     outside = tmp_path / "elsewhere"
     write_released_plugin(outside, "evil", seed=1)
     torch.save({"model": PromptTuner().state_dict()}, outside / "PromptTunner.pt")
-    (base / "link_out").symlink_to(outside / "evil")
-    (base / "selector_out.pt").symlink_to(outside / "PromptTunner.pt")
     plugin_folders()
     before = {k: (list(v[0]), set(v[1])) for k, v in folder_paths.folder_names_and_paths.items()}
     folder_paths.folder_names_and_paths["diff_plugin"] = ([str(base)], set())
@@ -81,14 +79,16 @@ def _message(call, name) -> str:
 
 
 def test_names_outside_the_folders_get_the_not_found_message(plugin_folder):
-    """ComfyUI 0.3.75 does not check V3 dropdown values, so the node must: a name that leaves the folders
-    (absolute, '..', a link out) gets exactly the message of a missing name, whether or not it exists."""
+    """ComfyUI 0.3.75 does not check V3 dropdown values, so the node must: a name that is not in its list
+    (absolute, '..', a file that is no plugin) gets exactly the message of a missing name, whether or not
+    something exists there."""
     from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitPluginSelector, PlugKitTaskPluginLoader
 
     base, outside = plugin_folder
     assert PlugKitTaskPluginLoader.execute(plugin_name="derain").result[0].name == "derain"
-    hostile = [str(outside / "evil"), "../../elsewhere/evil", "derain/../../../elsewhere/evil", "link_out",
-               "/etc/passwd", "../" * 12 + "etc/passwd", "/nonexistent/path"]
+    hostile = [str(outside / "evil"), "../../elsewhere/evil", "../../elsewhere/evil/tpb.pt",
+               "derain/../../../elsewhere/evil", "/etc/passwd", "../" * 12 + "etc/passwd", "/nonexistent/path",
+               "derain/tpb.pt", str(base / "derain")]
 
     def load(name):
         return PlugKitTaskPluginLoader.execute(plugin_name=name)
@@ -104,16 +104,21 @@ def test_names_outside_the_folders_get_the_not_found_message(plugin_folder):
 
     missing = _message(select, "no_such_selector.pt")
     assert missing.startswith("PlugKitPluginSelector: input 'selector_name':")
-    for name in [str(outside / "PromptTunner.pt"), "../../elsewhere/PromptTunner.pt", "selector_out.pt", "/etc/passwd"]:
+    for name in [str(outside / "PromptTunner.pt"), "../../elsewhere/PromptTunner.pt", "/etc/passwd", "derain/tpb.pt"]:
         assert _message(select, name) == missing, name
 
 
-def test_listing_offers_only_names_the_loader_accepts(plugin_folder):
+def test_listing_offers_the_names_the_loader_accepts(plugin_folder):
+    """Links the owner placed in the folder (a plugin kept on another disk) are listed and load, as in
+    ComfyUI's own model folders; the test servers link their random plugins in the same way."""
     from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitTaskPluginLoader, scan_folder
 
+    base, outside = plugin_folder
+    (base / "linked").symlink_to(outside / "evil")
     plugins, selectors = scan_folder()
-    assert plugins == ["derain"] and selectors == []  # the links out are not listed
-    assert PlugKitTaskPluginLoader.define_schema().inputs[0].options == ["derain"]
+    assert plugins == ["derain", "linked"] and selectors == []
+    assert PlugKitTaskPluginLoader.define_schema().inputs[0].options == ["derain", "linked"]
+    assert PlugKitTaskPluginLoader.execute(plugin_name="linked").result[0].name == "linked"
 
 
 def test_choice_inputs_are_checked_by_the_nodes(comfy):

@@ -26,7 +26,7 @@ def _steps(server) -> int:
     """Enough steps that the interrupt (sent on the first progress message) lands mid-run: a CPU step of
     the full-size random SD1.5 takes about a second, a GPU step milliseconds."""
     devices = server.get("/system_stats").get("devices", [])
-    return 4 if all(d.get("type") == "cpu" for d in devices) else 60
+    return 3 if all(d.get("type") == "cpu" for d in devices) else 60
 
 
 def _saved_latent(server, entry) -> bytes:
@@ -44,7 +44,7 @@ def plain_graph(info: dict, steps: int) -> tuple[dict, str]:
     ckpt = wf.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT_NAME)
     pos = wf.add("CLIPTextEncode", clip=ckpt[1], text="a plain photo of a lighthouse")
     neg = wf.add("CLIPTextEncode", clip=ckpt[1], text="blurry")
-    lat = wf.add("EmptyLatentImage", width=128, height=128, batch_size=1)
+    lat = wf.add("EmptyLatentImage", width=64, height=64, batch_size=1)
     ks = wf.add("KSampler", model=ckpt[0], positive=pos[0], negative=neg[0], latent_image=lat[0],
                 seed=11, steps=steps, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
     wf.add("SaveLatent", samples=ks[0], filename_prefix="fault_plain")
@@ -78,7 +78,7 @@ def freeu_graph(info: dict, steps: int, seed: int = 42) -> tuple[dict, str]:
     freeu = wf.add("PlugKitFreeU", model=ckpt[0], b1=1.5, b2=1.6, s1=0.9, s2=0.2)
     pos = wf.add("CLIPTextEncode", clip=ckpt[1], text="a cozy cabin on a snowy mountain")
     neg = wf.add("CLIPTextEncode", clip=ckpt[1], text="blurry")
-    lat = wf.add("EmptyLatentImage", width=128, height=128, batch_size=1)
+    lat = wf.add("EmptyLatentImage", width=64, height=64, batch_size=1)
     ks = wf.add("KSampler", model=freeu[0], positive=pos[0], negative=neg[0], latent_image=lat[0],
                 seed=seed, steps=steps, cfg=6.0, sampler_name="euler", scheduler="normal", denoise=1.0)
     wf.add("SaveLatent", samples=ks[0], filename_prefix="fault_freeu")
@@ -131,9 +131,21 @@ def interrupt(server, prompt: dict, node: str, timeout: float = 900) -> None:
     assert str(ended["data"].get("node_id")) == node, ended  # it stopped inside the node we interrupted
 
 
+def _execution_error(server) -> str | None:
+    for item in server.get("/history?max_items=1").values():
+        for kind, data in item.get("status", {}).get("messages", []):
+            if kind == "execution_error":
+                return (f"{data.get('node_type')} (node {data.get('node_id')}): {data.get('exception_type')}: "
+                        f"{str(data.get('exception_message'))[:1000]}")
+    return None
+
+
 def run_fresh(server, prompt: dict, must_execute: list[str]) -> bytes:
     """Run ``prompt`` to the end; the nodes in ``must_execute`` must have run, not come from the cache."""
-    entry, messages = server.run_listening(prompt)
+    try:
+        entry, messages = server.run_listening(prompt)
+    except ServerError as exc:  # the websocket's execution_error is long (tensors): say which node and why
+        raise ServerError(_execution_error(server) or str(exc)[:2000]) from None
     cached = {str(n) for m in messages if m.get("type") == "execution_cached" for n in m["data"].get("nodes", [])}
     assert not cached & set(must_execute), (cached, must_execute)
     return _saved_latent(server, entry)
