@@ -11,6 +11,12 @@ Formats read:
 
 Pickled files are read with ``torch.load(weights_only=True)`` only: no code from a checkpoint runs.
 Every key set is checked strictly; errors name the file and the fix.
+
+Finding files (``scan_plugin_folders``, ``resolve_name``): a node accepts only a name the scan of the
+registered folders lists; anything else (an absolute path, ``..``, a file that is no plugin) resolves
+to nothing, exactly like a missing file, so a prompt can neither load nor probe other files. The scan
+enters each real folder at most once and stops at ``MAX_SCAN_DEPTH`` levels and ``MAX_SCAN_DIRS``
+folders, so a symlink loop cannot stall the server.
 """
 from __future__ import annotations
 
@@ -18,7 +24,9 @@ import json
 import logging
 import os
 import tempfile
-from pathlib import Path
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
@@ -31,6 +39,8 @@ PLUGIN_FORMAT = "plugkit.diff_plugin.task_plugin"
 SELECTOR_FORMAT = "plugkit.diff_plugin.selector"
 FORMAT_VERSION = "1"
 SCB_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+MAX_SCAN_DEPTH = 8  # folder levels below a registered folder (the released layout needs 2)
+MAX_SCAN_DIRS = 4096  # folders visited per scan, all registered folders together
 
 # What the released SCB config must say for our fixed architecture to be the right one.
 SCB_CONFIG_REQUIRED = {
@@ -170,7 +180,7 @@ def load_released_plugin(directory: str | os.PathLike, name: str | None = None) 
     if not tpb_path.is_file():
         raise PluginFileError(f"Diff-Plugin: '{tpb_path}' not found; a released plugin folder holds tpb.pt.")
     _load_strict(plugin.tpb, load_tpb_state(tpb_path), tpb_path, "Diff-Plugin TPB")
-    return plugin.eval().requires_grad_(False)
+    return plugin.train(False).requires_grad_(False)
 
 
 def plugin_state_dict(plugin: TaskPlugin) -> dict[str, torch.Tensor]:
@@ -187,11 +197,11 @@ def plugin_metadata(plugin: TaskPlugin, extra: dict[str, str] | None = None) -> 
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike) -> Path:
-    """Write to a temporary file in the same folder, then rename over ``path`` (never a half-written file)."""
+    """Write to a temporary file in the same folder, then rename over ``path`` (never a half-written file;
+    the previous file stays whole until the new one is). The folder must exist: nothing is created here."""
     import safetensors.torch
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     os.close(fd)
     try:
@@ -230,7 +240,7 @@ def load_plugin_safetensors(path: str | os.PathLike, name: str | None = None) ->
         )
     _load_strict(plugin.tpb, tpb, path, "Diff-Plugin TPB")
     _load_strict(plugin.scb, scb, path, "Diff-Plugin SCB")
-    return plugin.eval().requires_grad_(False), metadata
+    return plugin.train(False).requires_grad_(False), metadata
 
 
 def load_plugin(path: str | os.PathLike, name: str | None = None) -> TaskPlugin:
@@ -267,7 +277,7 @@ def load_selector(path: str | os.PathLike) -> PromptTuner:
             raise PluginFileError(f"Diff-Plugin: '{path}' holds no selector state dict (expected {{'model': state_dict}}).")
     tuner = PromptTuner()
     _load_strict(tuner, _strip_prefix(dict(sd)), path, "Diff-Plugin Plugin-Selector (PromptTunner)")
-    return tuner.eval().requires_grad_(False)
+    return tuner.train(False).requires_grad_(False)
 
 
 def save_selector(tuner: PromptTuner, path: str | os.PathLike) -> Path:
@@ -275,17 +285,165 @@ def save_selector(tuner: PromptTuner, path: str | os.PathLike) -> Path:
     return atomic_save_safetensors(sd, {"format": SELECTOR_FORMAT, "version": FORMAT_VERSION}, path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python custom_nodes/ComfyUI-PlugKit/cli.py convert-diff-plugin <released folder> [output.safetensors]``."""
-    import argparse
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The safetensors header metadata only (no tensor is read); raises PluginFileError when unreadable."""
+    from safetensors import safe_open
 
-    parser = argparse.ArgumentParser(description="Convert a released Diff-Plugin folder to a PlugKit .safetensors plugin.")
-    parser.add_argument("command", choices=["convert"])
-    parser.add_argument("folder", help="released plugin folder holding scb/ and tpb.pt")
-    parser.add_argument("output", nargs="?", help="output .safetensors (default: <folder>.safetensors)")
-    args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = convert_released_plugin(args.folder, args.output)
-    log.info("wrote %s", out)
-    return 0
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:
+        raise PluginFileError(f"Diff-Plugin: cannot read '{path}' ({type(exc).__name__}: {exc}).") from exc
+
+
+# --- finding files inside the registered folders --------------------------------------------------
+
+def is_inside(real: str, base_real: str) -> bool:
+    return real != base_real and real.startswith(base_real.rstrip(os.sep) + os.sep)
+
+
+def safe_relative_name(name: object) -> tuple[str, ...] | None:
+    """The parts of a relative name as the scan lists it ('derain', 'team/my.safetensors'), or None for
+    anything else: not a string, empty, absolute (posix or Windows, drive or UNC), '..' or NUL inside."""
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
+        return None
+    text = name.replace("\\", "/")
+    if PurePosixPath(text).is_absolute() or PureWindowsPath(name).drive or PureWindowsPath(name).root:
+        return None
+    parts = tuple(p for p in PurePosixPath(text).parts if p != ".")
+    if not parts or ".." in parts:
+        return None
+    return parts
+
+
+def resolve_name(name: object, folders: list[str] | tuple[str, ...], kind: str = "plugin") -> Path | None:
+    """The file or folder of ``name`` when it is one the scan of ``folders`` lists as ``kind`` ('plugin' or
+    'selector'), else None: missing, not a plugin, or not a name inside the folders (absolute, '..').
+    Callers give one message for all of these, so an answer says nothing about the rest of the disk."""
+    parts = safe_relative_name(name)
+    if parts is None:
+        return None
+    scan = scan_plugin_folders(folders)
+    key = "/".join(parts)
+    if key not in (scan.plugins if kind == "plugin" else scan.selectors):
+        return None
+    return Path(scan.paths[key])
+
+
+_KIND_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def safetensors_kind(path: str | os.PathLike) -> str:
+    """'plugin', 'selector', 'other' or 'unreadable', from the header only; cached per (path, size, mtime)."""
+    path = str(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "unreadable"
+    key = (path, st.st_size, st.st_mtime_ns)
+    kind = _KIND_CACHE.get(key)
+    if kind is None:
+        kind = _read_safetensors_kind(path)
+        if len(_KIND_CACHE) > 4096:
+            _KIND_CACHE.clear()
+        _KIND_CACHE[key] = kind
+    return kind
+
+
+def _read_safetensors_kind(path: str) -> str:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+    except Exception:
+        return "unreadable"
+    if meta.get("format") == SELECTOR_FORMAT or (keys and all(k.split(".")[0] in ("proj_v", "proj_t", "logit_scale") for k in keys)):
+        return "selector"
+    if meta.get("format") == PLUGIN_FORMAT or any(k.startswith("tpb.") for k in keys):
+        return "plugin"
+    return "other"
+
+
+@dataclass
+class FolderScan:
+    plugins: list[str] = field(default_factory=list)  # released folders and .safetensors plugins
+    selectors: list[str] = field(default_factory=list)
+    paths: dict[str, str] = field(default_factory=dict)  # listed name -> its path (the first folder wins)
+    dirs_visited: int = 0
+    truncated: bool = False  # MAX_SCAN_DIRS reached: the lists may be incomplete
+
+
+def scan_plugin_folders(folders: list[str] | tuple[str, ...], max_depth: int = MAX_SCAN_DEPTH,
+                        max_dirs: int = MAX_SCAN_DIRS) -> FolderScan:
+    """Plugins and selectors under ``folders``, as relative posix names (what the nodes list and accept).
+
+    Links placed in the folders are followed, as ComfyUI follows them in its own model folders, but each
+    real folder is entered at most once (by its resolved path), real folders before linked ones, so a
+    link loop ends at once; the walk also stops ``max_depth`` levels down and after ``max_dirs`` folder
+    listings in all. A released plugin folder is listed, never entered."""
+    scan = FolderScan()
+    plugins: dict[str, str] = {}
+    selectors: dict[str, str] = {}
+    visited: set[str] = set()
+    for base in folders:
+        base_real = os.path.realpath(base)
+        if not os.path.isdir(base_real) or base_real in visited:
+            continue
+        visited.add(base_real)
+        real_dirs: list[tuple[str, tuple[str, ...]]] = [(base, ())]
+        linked_dirs: deque[tuple[str, tuple[str, ...]]] = deque()  # first found, first entered
+        while real_dirs or linked_dirs:
+            if real_dirs:
+                directory, rel = real_dirs.pop()
+            else:
+                directory, rel = linked_dirs.popleft()
+                real = os.path.realpath(directory)
+                if real in visited:
+                    continue  # a loop, or a folder already listed under its real name
+                visited.add(real)
+            if scan.dirs_visited >= max_dirs:
+                scan.truncated = True
+                break
+            scan.dirs_visited += 1
+            try:
+                entries = sorted(os.scandir(directory), key=lambda e: e.name)
+            except OSError:
+                continue
+            for entry in entries:
+                child_rel = (*rel, entry.name)
+                name = "/".join(child_rel)
+                try:
+                    is_dir = entry.is_dir()
+                    is_file = not is_dir and entry.is_file()
+                    is_link = entry.is_symlink()
+                except OSError:
+                    continue
+                if is_dir:
+                    if is_released_plugin_dir(entry.path):
+                        plugins.setdefault(name, entry.path)
+                    elif len(child_rel) < max_depth:
+                        if is_link:
+                            linked_dirs.append((entry.path, child_rel))
+                        else:
+                            real = os.path.realpath(entry.path)
+                            if real not in visited:  # (bind mounts)
+                                visited.add(real)
+                                real_dirs.append((entry.path, child_rel))
+                elif is_file:
+                    if entry.name.endswith(".safetensors"):
+                        kind = safetensors_kind(entry.path)
+                        if kind == "plugin":
+                            plugins.setdefault(name, entry.path)
+                        elif kind == "selector":
+                            selectors.setdefault(name, entry.path)
+                    elif entry.name.endswith(".pt") and entry.name != "tpb.pt" and not entry.name.endswith(".optim.pt"):
+                        selectors.setdefault(name, entry.path)
+        if scan.truncated:
+            log.warning("Diff-Plugin: stopped listing %s after %d folders; keep plugins at most %d levels deep "
+                        "in a smaller folder", ", ".join(folders), max_dirs, max_depth)
+            break
+    scan.plugins, scan.selectors = sorted(plugins), sorted(selectors)
+    scan.paths = {**selectors, **plugins}
+    return scan

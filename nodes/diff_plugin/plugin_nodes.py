@@ -42,6 +42,7 @@ START_TOOLTIP = ("The start latent. official (per task): pure noise for the lowl
                  "folder named so, or a .safetensors plugin saved with start 'noise'), the image otherwise, as infer.py's "
                  "--inp_of_unet_is_random_noise and demo.py. noise: always pure noise. image: always the image's latent "
                  "(noised by the sampler).")
+SCHEDULERS = ("normal", "simple", "sgm_uniform", "karras")
 
 
 # --- models/diff_plugin -------------------------------------------------------------------------
@@ -56,59 +57,23 @@ def plugin_folders() -> list[str]:
     return folder_paths.get_folder_paths(FOLDER)
 
 
-def _safetensors_kind(path: Path) -> str:
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            keys = list(f.keys())
-    except Exception:
-        return "unreadable"
-    if meta.get("format") == plugin_files.SELECTOR_FORMAT or (keys and all(k.split(".")[0] in ("proj_v", "proj_t", "logit_scale") for k in keys)):
-        return "selector"
-    if meta.get("format") == plugin_files.PLUGIN_FORMAT or any(k.startswith("tpb.") for k in keys):
-        return "plugin"
-    return "other"
-
-
 def scan_folder() -> tuple[list[str], list[str]]:
-    """(plugin names, selector names) under every diff_plugin folder, as relative posix paths."""
-    plugins: set[str] = set()
-    selectors: set[str] = set()
-    for base in plugin_folders():
-        base_path = Path(base)
-        if not base_path.is_dir():
-            continue
-        for root, dirs, files in os.walk(base_path, followlinks=True):
-            root_path = Path(root)
-            rel = root_path.relative_to(base_path).as_posix()
-            if plugin_files.is_released_plugin_dir(root_path) and rel != ".":
-                plugins.add(rel)
-                dirs[:] = []
-                continue
-            for name in files:
-                path = root_path / name
-                rel_file = path.relative_to(base_path).as_posix()
-                if name.endswith(".safetensors"):
-                    kind = _safetensors_kind(path)
-                    if kind == "plugin":
-                        plugins.add(rel_file)
-                    elif kind == "selector":
-                        selectors.add(rel_file)
-                elif name.endswith(".pt") and name != "tpb.pt" and not name.endswith(".optim.pt"):
-                    selectors.add(rel_file)
-    return sorted(plugins), sorted(selectors)
+    """(plugin names, selector names) under every diff_plugin folder, as relative posix paths (a bounded
+    scan that never goes round a link loop: plugin_files.scan_plugin_folders)."""
+    scan = plugin_files.scan_plugin_folders(plugin_folders())
+    return scan.plugins, scan.selectors
 
 
 def resolve(name: str, node: str, what: str) -> Path:
-    for base in plugin_folders():
-        candidate = Path(base) / name
-        if candidate.exists():
-            return candidate
+    """The plugin or selector ``name`` as the folder scan lists it. Any other name (missing, absolute, with
+    '..', not a plugin) gets the same error, so a prompt can neither load nor probe other files."""
+    path = plugin_files.resolve_name(name, plugin_folders(), what)
+    if path is not None:
+        return path
     raise ValueError(
-        f"{node}: {what} '{name}' not found under models/{FOLDER} ({', '.join(plugin_folders())}). Put the released "
-        "plugin folders (e.g. derain/ with scb/ and tpb.pt) or .safetensors plugins there and refresh."
+        f"{node}: input '{what}_name': {what} {name!r} not found under models/{FOLDER} ({', '.join(plugin_folders())}). "
+        "Put the released plugin folders (e.g. derain/ with scb/ and tpb.pt) or .safetensors plugins there, "
+        "refresh (R) and pick one from the list."
     )
 
 
@@ -428,6 +393,8 @@ class PlugKitPluginSelector(io.ComfyNode):
     def execute(cls, clip, clip_vision, image, instruction: str, selector_name: str, rule: str = RULE_OFFICIAL,
                 **candidates) -> io.NodeOutput:
         node = "PlugKitPluginSelector"
+        if rule not in RULES:
+            raise ValueError(f"{node}: input 'rule' is {rule!r}; use one of {list(RULES)}.")
         handles = [candidates[f"plugin_{i}"] for i in range(1, MAX_CANDIDATES + 1)
                    if candidates.get(f"plugin_{i}") is not None]
         if not handles:
@@ -486,7 +453,7 @@ class PlugKitRunPluginChain(io.ComfyNode):
                                        "on t = 999, 949, ..., with its start and final latent; 'scheduler' is not used). "
                                        "The others are ComfyUI's samplers with 'scheduler': close to the official "
                                        "result, not identical (ComfyUI's uni_pc_bh2 is order 3 on its own grid)."),
-                io.Combo.Input("scheduler", options=["normal", "simple", "sgm_uniform", "karras"], default="normal",
+                io.Combo.Input("scheduler", options=list(SCHEDULERS), default="normal",
                                tooltip="Sigma schedule of ComfyUI's samplers (the official sampler has its own)."),
                 io.Combo.Input("start", options=list(STARTS), default=START_OFFICIAL, optional=True,
                                tooltip=START_TOOLTIP + " Chosen per plugin of the chain."),
@@ -505,6 +472,8 @@ class PlugKitRunPluginChain(io.ComfyNode):
                              "(from 'Load Diff-Plugin Task-Plugin').")
         if sampler_name not in SAMPLERS:
             raise ValueError(f"PlugKitRunPluginChain: input 'sampler_name' is {sampler_name!r}; use one of {list(SAMPLERS)}.")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"PlugKitRunPluginChain: input 'scheduler' is {scheduler!r}; use one of {list(SCHEDULERS)}.")
         chain = list(plugins or []) + ([plugin] if plugin is not None else [])
         if not chain:
             log.info("Diff-Plugin chain: no plugin selected; returning the input image")

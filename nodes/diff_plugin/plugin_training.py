@@ -114,7 +114,8 @@ def resize_crop(image: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 def read_pairs(pairs: list[tuple[Path, Path]], resolution: int) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]], list[str]]:
-    """Read and crop each pair; an unreadable pair or one whose two images differ in size is skipped and reported."""
+    """Read and crop each pair. Skipped and reported by file name: an unreadable pair, one whose two images
+    differ in size, and one smaller than ``resolution`` on its short side (it would only be upscaled)."""
     good, skipped = [], []
     for degraded_path, clean_path in pairs:
         try:
@@ -126,8 +127,36 @@ def read_pairs(pairs: list[tuple[Path, Path]], resolution: int) -> tuple[list[tu
             skipped.append(f"{degraded_path.name}: size {tuple(degraded.shape[1:3])} differs from the clean "
                            f"image's {tuple(clean.shape[1:3])}")
             continue
+        height, width = degraded.shape[1:3]
+        if min(height, width) < resolution:
+            skipped.append(f"{degraded_path.name}: {width}x{height} px, smaller than the training resolution "
+                           f"{resolution} (use images at least {resolution} px on the short side, or a lower resolution)")
+            continue
         good.append((degraded_path.stem, resize_crop(degraded, resolution), resize_crop(clean, resolution)))
     return good, skipped
+
+
+def check_output(output: Path, resume: bool, node: str, name_input: str = "input 'plugin_name'",
+                 resume_fix: str = "turn input 'resume' on") -> None:
+    """Never overwrite a user's file: an existing output is continued only when ``resume`` is on and it is a
+    PlugKit training save (metadata 'step'); anything else is refused before any work, naming the fix.
+    (Saves are atomic, so a continued file stays whole until the next save is.)"""
+    if not output.exists():
+        return
+    if not output.is_file():
+        raise ValueError(f"{node}: {name_input}: '{output}' exists and is not a plugin file; choose another name.")
+    if not resume:
+        raise ValueError(
+            f"{node}: {name_input}: '{output}' already exists and resume is off; PlugKit never overwrites a plugin: "
+            f"{resume_fix} to continue its training, choose another name, or delete the file first.")
+    try:
+        meta = plugin_files.read_metadata(output)
+    except plugin_files.PluginFileError:
+        meta = {}
+    if meta.get("format") != plugin_files.PLUGIN_FORMAT or "step" not in meta:
+        raise ValueError(
+            f"{node}: {name_input}: '{output}' already exists and is not a PlugKit training save (no 'step' in "
+            "its metadata), so resuming would overwrite it; choose another name.")
 
 
 def optimizer_path(plugin_path: Path) -> Path:
@@ -220,5 +249,5 @@ def train_plugin(plugin: TaskPlugin, eps_model: Callable, pairs: list[EncodedPai
         if result.end_step > start or not output.is_file():
             save(result.end_step)
     finally:
-        plugin.eval().requires_grad_(False)
+        plugin.train(False).requires_grad_(False)
     return result

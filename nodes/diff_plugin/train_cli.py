@@ -1,61 +1,171 @@
-"""Train a Diff-Plugin Task-Plugin from the command line (same code as the PlugKitTrainTaskPlugin node).
-
-Run through the pack's ``cli.py`` from the ComfyUI folder (so ``comfy`` imports), e.g.::
+"""The Diff-Plugin commands of the pack's ``cli.py``: ``train-diff-plugin`` (same code as the
+PlugKitTrainTaskPlugin node) and ``convert-diff-plugin``. Run them through ``cli.py`` with ComfyUI's
+Python, e.g. from the ComfyUI folder::
 
     python custom_nodes/ComfyUI-PlugKit/cli.py train-diff-plugin \\
         --checkpoint models/checkpoints/v1-5-pruned-emaonly.safetensors \\
         --clip-vision models/clip_vision/clip_vision_vit_l_14.safetensors \\
         --data /data/rain_pairs --output models/diff_plugin/my_derain.safetensors --steps 5000
+    python custom_nodes/ComfyUI-PlugKit/cli.py convert-diff-plugin models/diff_plugin/derain
 
 ``--data`` holds ``input/`` (degraded) and ``target/`` (clean) images paired by file name. Training
-resumes from ``--output`` (and its ``.optim.pt``) when they exist, unless ``--no-resume``.
+resumes from ``--output`` (and its ``.optim.pt``) when they exist; with ``--no-resume`` an existing
+output is an error (never overwritten).
+
+Every argument is checked before anything heavy is imported or loaded. A mistake is a ``UsageError``
+(cli.py prints its one line and exits 2); the module imports only the standard library at load time.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+TRAIN = "train-diff-plugin"
+CONVERT = "convert-diff-plugin"
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train a Diff-Plugin Task-Plugin (TPB + SCB) on (degraded, clean) pairs.")
+
+class UsageError(Exception):
+    """A mistake on the command line, as one line that says what to do."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one ``UsageError`` line (cli.py exits 2), not usage text plus an exit."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: error: {message} (see '{self.prog} --help')")
+
+
+def _number(kind, low, what: str, strict: bool):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {'>' if strict else '>='} {low}")
+        return value
+    return parse
+
+
+def add_comfyui_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--comfyui", metavar="PATH",
+                   help="the ComfyUI folder (default: the current folder, else the ComfyUI holding this pack)")
+
+
+def train_parser(prog: str = f"cli.py {TRAIN}") -> Parser:
+    p = Parser(prog=prog, description="Train a Diff-Plugin Task-Plugin (TPB + SCB) on (degraded, clean) pairs.")
     p.add_argument("--checkpoint", required=True, help="SD 1.x checkpoint (.safetensors/.ckpt)")
     p.add_argument("--clip-vision", required=True, help="CLIP ViT-L/14 vision model file")
     p.add_argument("--data", required=True, help="folder with input/ (degraded) and target/ (clean) images")
-    p.add_argument("--output", required=True, help="output plugin .safetensors")
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--learning-rate", type=float, default=1e-5)
-    p.add_argument("--save-every", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True, help="output plugin .safetensors (its folder must exist)")
+    p.add_argument("--resolution", type=_number(int, 64, "a whole number", False), default=512,
+                   help="training crop size in pixels, a multiple of 8, at least 64 (default 512)")
+    p.add_argument("--steps", type=_number(int, 0, "a whole number", True), default=1000, help="total steps (> 0)")
+    p.add_argument("--batch-size", type=_number(int, 0, "a whole number", True), default=1)
+    p.add_argument("--learning-rate", type=_number(float, 0.0, "a number", True), default=1e-5)
+    p.add_argument("--save-every", type=_number(int, 0, "a whole number", False), default=250,
+                   help="save every N steps (0: only at the end)")
+    p.add_argument("--seed", type=_number(int, 0, "a whole number", False), default=0)
     p.add_argument("--start", choices=["input", "noise"], default="input")
-    p.add_argument("--no-resume", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--no-resume", action="store_true",
+                   help="start from scratch; an existing --output is then an error, never overwritten")
+    add_comfyui_option(p)
+    return p
 
 
-def main(argv=None, *, model=None, clip_vision=None, vae=None) -> int:
-    """Command-line entry; ``model``/``clip_vision``/``vae`` may be passed in-process (tests)."""
-    args = parse_args(argv)
+def convert_parser(prog: str = f"cli.py {CONVERT}") -> Parser:
+    p = Parser(prog=prog, description="Convert a released Diff-Plugin folder (scb/ + tpb.pt) to one PlugKit "
+                                      ".safetensors plugin.")
+    p.add_argument("folder", help="released plugin folder holding scb/ and tpb.pt")
+    p.add_argument("output", nargs="?", help="output .safetensors (default: <folder>.safetensors); its folder must exist")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    add_comfyui_option(p)
+    return p
+
+
+def _output_folder(output: Path, prog: str, option: str) -> None:
+    if not output.parent.is_dir():
+        raise UsageError(f"{prog}: error: {option}: folder '{output.parent}' does not exist; create it first "
+                         "(nothing is created outside what you name)")
+
+
+def check_train_args(args: argparse.Namespace, prog: str = f"cli.py {TRAIN}", given: tuple[str, ...] = ()) -> Path:
+    """Checks that need only the file system; returns the output path. ``given``: options whose model was
+    passed in-process (not read from the file)."""
+    for option, value in (("--checkpoint", args.checkpoint), ("--clip-vision", args.clip_vision)):
+        if option not in given and not Path(value).is_file():
+            raise UsageError(f"{prog}: error: {option}: file '{value}' not found")
+    if not Path(args.data).is_dir():
+        raise UsageError(f"{prog}: error: --data: folder '{args.data}' does not exist")
+    if args.resolution % 8:
+        raise UsageError(f"{prog}: error: --resolution: {args.resolution} is not a multiple of 8")
+    output = Path(args.output)
+    if output.suffix != ".safetensors":
+        output = output.with_name(output.name + ".safetensors")
+    _output_folder(output, prog, "--output")
+    from . import plugin_training as pt  # torch, but no checkpoint yet
+
+    try:
+        pt.check_output(output, not args.no_resume, f"{prog}: error", name_input="--output", resume_fix="drop --no-resume")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        pairs, _ = pt.find_pairs(args.data)
+    except ValueError as exc:
+        raise UsageError(f"{prog}: error: --data: {exc}") from None
+    if not pairs:
+        raise UsageError(f"{prog}: error: --data: no (degraded, clean) pair with the same file name in '{args.data}'")
+    return output
+
+
+def check_convert_args(args: argparse.Namespace, prog: str = f"cli.py {CONVERT}") -> Path:
+    folder = Path(args.folder)
+    if not ((folder / "tpb.pt").is_file() and (folder / "scb" / "config.json").is_file()):
+        raise UsageError(f"{prog}: error: '{folder}' is not a released Diff-Plugin folder (it needs scb/config.json "
+                         "and tpb.pt)")
+    output = Path(args.output) if args.output else folder.with_name(folder.name + ".safetensors")
+    if output.suffix != ".safetensors":
+        raise UsageError(f"{prog}: error: output '{output}' must end in .safetensors")
+    _output_folder(output, prog, "output")
+    if output.exists() and not args.overwrite:
+        raise UsageError(f"{prog}: error: output '{output}' already exists; pass --overwrite to replace it or "
+                         "name another file")
+    return output
+
+
+def _logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def run_train(args: argparse.Namespace, output: Path, *, model=None, clip_vision=None, vae=None) -> int:
+    _logging()
     if model is None or vae is None:
         import comfy.sd
 
-        model, _, vae, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=False)
+        try:
+            model, _, vae, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=False)
+        except Exception as exc:  # ComfyUI's loader raises many types for a file that is no checkpoint
+            raise ValueError(f"--checkpoint: cannot load '{args.checkpoint}' ({type(exc).__name__}: {exc}); "
+                             "name an SD 1.x checkpoint") from exc
+        if model is None or vae is None:
+            raise ValueError(f"--checkpoint: '{args.checkpoint}' holds no SD 1.x model and VAE")
     if clip_vision is None:
         import comfy.clip_vision
 
-        clip_vision = comfy.clip_vision.load(args.clip_vision)
+        try:
+            clip_vision = comfy.clip_vision.load(args.clip_vision)
+        except Exception as exc:
+            raise ValueError(f"--clip-vision: cannot load '{args.clip_vision}' ({type(exc).__name__}: {exc})") from exc
         if clip_vision is None:
-            raise SystemExit(f"'{args.clip_vision}' is not a CLIP vision model")
+            raise ValueError(f"--clip-vision: '{args.clip_vision}' is not a CLIP vision model")
     from .train_nodes import train_from_folder
-
-    output = Path(args.output)
-    if output.suffix != ".safetensors":
-        output = output.with_suffix(".safetensors")
 
     def on_step(step: int, loss: float) -> None:
         if step % 10 == 0 or step == args.steps:
@@ -64,10 +174,43 @@ def main(argv=None, *, model=None, clip_vision=None, vae=None) -> int:
     _, report = train_from_folder(
         model, clip_vision, vae, args.data, output, name=output.stem, resolution=args.resolution, steps=args.steps,
         batch_size=args.batch_size, learning_rate=args.learning_rate, save_every=args.save_every, seed=args.seed,
-        resume=not args.no_resume, start_from_noise=args.start == "noise", on_step=on_step, node="train_cli")
+        resume=not args.no_resume, start_from_noise=args.start == "noise", on_step=on_step, node="train-diff-plugin")
     log.info("%s", report)
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def run_convert(args: argparse.Namespace, output: Path) -> int:
+    from . import plugin_files
+
+    _logging()
+    out = plugin_files.convert_released_plugin(args.folder, output)
+    log.info("wrote %s", out)
+    return 0
+
+
+COMMANDS = {TRAIN: (train_parser, check_train_args, run_train),
+            CONVERT: (convert_parser, check_convert_args, run_convert)}
+
+
+def parse(command: str, argv: list[str]) -> tuple[argparse.Namespace, Path]:
+    """Parse and check one command's arguments (UsageError on a mistake); nothing heavy is loaded."""
+    make_parser, check, _ = COMMANDS[command]
+    args = make_parser().parse_args(argv)
+    return args, check(args)
+
+
+def run(command: str, args: argparse.Namespace, output: Path) -> int:
+    return COMMANDS[command][2](args, output)
+
+
+def main(argv=None, *, model=None, clip_vision=None, vae=None) -> int:
+    """``train-diff-plugin`` in-process; ``model``/``clip_vision``/``vae`` may be passed in (tests)."""
+    args = train_parser().parse_args(list(argv or []))
+    given = (("--checkpoint",) if model is not None and vae is not None else ()) + (("--clip-vision",) if clip_vision is not None else ())
+    output = check_train_args(args, given=given)
+    return run_train(args, output, model=model, clip_vision=clip_vision, vae=vae)
+
+
+def convert_main(argv=None) -> int:
+    args, output = parse(CONVERT, list(argv or []))
+    return run_convert(args, output)

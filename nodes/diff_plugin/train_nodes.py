@@ -122,14 +122,28 @@ def train_from_folder(model, clip_vision, vae, data_folder: str, output: Path, *
 
 
 def output_path(plugin_name: str, node: str) -> Path:
+    """models/diff_plugin/<plugin_name>.safetensors (in the first registered folder); a name that is absolute,
+    climbs out with '..' or leads through a link out of the folder is refused. Creates only the folder."""
+    from . import plugin_files
     from .plugin_nodes import plugin_folders
 
-    name = plugin_name.strip()
-    if not name or os.path.isabs(name) or ".." in Path(name).parts:
+    parts = plugin_files.safe_relative_name(plugin_name.strip() if isinstance(plugin_name, str) else plugin_name)
+    if parts is None:
         raise ValueError(f"{node}: input 'plugin_name' must be a relative file name such as 'my_derain', got {plugin_name!r}.")
-    if not name.endswith(".safetensors"):
-        name += ".safetensors"
-    return Path(plugin_folders()[0]) / name
+    if not parts[-1].endswith(".safetensors"):
+        parts = (*parts[:-1], parts[-1] + ".safetensors")
+    base = Path(plugin_folders()[0])
+    path = base.joinpath(*parts)
+    base.mkdir(parents=True, exist_ok=True)
+    base_real = os.path.realpath(base)
+    # the file (if it exists) and the deepest existing folder on its way must lie inside the base (no link out)
+    existing = path.parent
+    while not existing.exists():
+        existing = existing.parent
+    inside = os.path.realpath(existing) == base_real or plugin_files.is_inside(os.path.realpath(existing), base_real)
+    if not inside or (os.path.lexists(path) and not plugin_files.is_inside(os.path.realpath(path), base_real)):
+        raise ValueError(f"{node}: input 'plugin_name' must name a file inside models/diff_plugin, got {plugin_name!r}.")
+    return path
 
 
 class PlugKitTrainTaskPlugin(io.ComfyNode):
@@ -161,7 +175,8 @@ class PlugKitTrainTaskPlugin(io.ComfyNode):
                              tooltip="Save the plugin every N steps (0: only at the end). Saves are atomic."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seed of the noise and timesteps."),
                 io.Boolean.Input("resume", default=True,
-                                 tooltip="Continue from the last save of this plugin_name if there is one."),
+                                 tooltip="Continue from the last save of this plugin_name if there is one. Off: "
+                                         "an existing file of that name is an error (never overwritten)."),
                 io.Combo.Input("start", options=["input", "noise"], default="input",
                                tooltip="How sampling with this plugin starts: the noised input (most tasks) or pure "
                                        "noise (like lowlight / highlight)."),
@@ -182,7 +197,11 @@ class PlugKitTrainTaskPlugin(io.ComfyNode):
         from .scb_control import PluginHandle
 
         node = "PlugKitTrainTaskPlugin"
+        if start not in ("input", "noise"):
+            raise ValueError(f"{node}: input 'start' is {start!r}; use 'input' or 'noise'.")
         output = output_path(plugin_name, node)
+        pt.check_output(output, resume, node)
+        output.parent.mkdir(parents=True, exist_ok=True)  # inside models/diff_plugin (checked above)
         bar = comfy.utils.ProgressBar(steps)
         unique_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
 
@@ -199,7 +218,7 @@ class PlugKitTrainTaskPlugin(io.ComfyNode):
                     pass
 
         result, report = train_from_folder(
-            model, clip_vision, vae, data_folder, output, name=Path(plugin_name).stem, resolution=resolution,
+            model, clip_vision, vae, data_folder, output, name=output.stem, resolution=resolution,
             steps=steps, batch_size=batch_size, learning_rate=learning_rate, save_every=save_every, seed=seed,
             resume=resume, start_from_noise=start == "noise", on_step=on_step, node=node)
         return io.NodeOutput(PluginHandle(result.plugin, source=str(output)), report, ui=ui.PreviewText(report))

@@ -117,13 +117,15 @@ def test_missing_files(tmp_path):
 
 def test_convert_to_safetensors_round_trip(released_plugin, tmp_path):
     folder, scb, tpb = released_plugin
+    (tmp_path / "out").mkdir()
     out = pf.convert_released_plugin(folder, tmp_path / "out" / "derain.safetensors")
     plugin, meta = pf.load_plugin_safetensors(out)
     assert meta["format"] == pf.PLUGIN_FORMAT and meta["task"] == "derain" and meta["start"] == "input"
     _assert_loaded(plugin, scb, tpb)
     assert not list((tmp_path / "out").glob("*.tmp"))  # atomic write leaves no temporary
-    assert pf.main(["convert", str(folder), str(tmp_path / "cli.safetensors")]) == 0
-    assert (tmp_path / "cli.safetensors").is_file()
+    with pytest.raises(FileNotFoundError):  # a missing output folder is never created
+        pf.convert_released_plugin(folder, tmp_path / "missing" / "derain.safetensors")
+    assert not (tmp_path / "missing").exists()
 
 
 def test_safetensors_start_metadata_and_corruption(tmp_path):
@@ -149,3 +151,108 @@ def test_selector_released_and_safetensors(tmp_path):
     torch.save({"model": {"proj_v.weight": torch.zeros(768, 768)}}, path)
     with pytest.raises(pf.PluginFileError, match="PromptTunner.pt.*missing keys"):
         pf.load_selector(path)
+
+
+# --- names and folder scans ---------------------------------------------------------------------
+
+def _plugin_tree(tmp_path):
+    """models/diff_plugin with a released folder and a .safetensors plugin, and a plugin outside it."""
+    base = tmp_path / "models" / "diff_plugin"
+    write_released_plugin(base, "derain", seed=0)
+    pf.save_plugin(TaskPlugin("mine"), base / "mine.safetensors")
+    outside = tmp_path / "elsewhere"
+    write_released_plugin(outside, "evil", seed=1)
+    pf.save_plugin(TaskPlugin("evil_file"), outside / "evil_file.safetensors")
+    return base, outside
+
+
+def test_only_listed_names_resolve(tmp_path):
+    base, outside = _plugin_tree(tmp_path)
+    folders = [str(base)]
+    assert pf.resolve_name("derain", folders) == base / "derain"
+    assert pf.resolve_name("./mine.safetensors", folders) == base / "mine.safetensors"
+    torch.save({"model": PromptTuner().state_dict()}, base / "PromptTunner.pt")
+    assert pf.resolve_name("PromptTunner.pt", folders, "selector") == base / "PromptTunner.pt"
+    assert pf.resolve_name("PromptTunner.pt", folders, "plugin") is None  # the kind must match too
+    # links the owner placed in the folder are followed, as ComfyUI does in its model folders
+    (base / "team").mkdir()
+    (base / "team" / "alias").symlink_to(base / "derain")
+    (base / "linked").symlink_to(outside / "evil")
+    assert pf.resolve_name("team/alias", folders) == base / "team" / "alias"
+    assert pf.resolve_name("linked", folders) == base / "linked"
+    refused = [
+        str(outside / "evil"), str(outside / "evil_file.safetensors"),  # absolute paths to real plugins
+        str(base / "derain"),  # even an absolute path inside: names only
+        "../elsewhere/evil", "../../elsewhere/evil", "derain/../../elsewhere/evil", "..\\elsewhere\\evil",
+        "/etc/passwd", "../../../../../../etc/passwd", "C:\\Windows\\win.ini", "\\\\server\\share\\x",
+        "derain/tpb.pt", "derain/scb", "team", "mine.safetensors/..", "", "  ", ".", "derain\x00",
+        None, 3, ["derain"], "no_such_plugin",
+    ]
+    for name in refused:
+        assert pf.resolve_name(name, folders) is None, name
+
+
+def test_scan_lists_what_resolves(tmp_path):
+    base, outside = _plugin_tree(tmp_path)
+    torch.save({"model": PromptTuner().state_dict()}, base / "PromptTunner.pt")
+    (base / "mine.safetensors.optim.pt").write_bytes(b"optimizer state")
+    (base / "shared").symlink_to(outside)  # a linked folder of plugins
+    (base / "alias").symlink_to(base / "derain")
+    scan = pf.scan_plugin_folders([str(base)])
+    assert scan.plugins == ["alias", "derain", "mine.safetensors", "shared/evil", "shared/evil_file.safetensors"]
+    assert scan.selectors == ["PromptTunner.pt"]
+    for name in scan.plugins:
+        assert pf.resolve_name(name, [str(base)]) == base / name, name
+
+
+def _scan_in_thread(folders, **kw):
+    """Run the scan in a daemon thread so that a regression (an endless walk) fails here instead of
+    hanging the suite; the bound (60 s) is a guard only, the assertions are on what the scan visited."""
+    import threading
+
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("scan", pf.scan_plugin_folders(folders, **kw)), daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the folder scan did not end"
+    return out["scan"]
+
+
+def test_symlink_loops_end_the_scan(tmp_path):
+    """Two loops (a link to the folder's root, one to a sibling), a self link, and a linked folder reached
+    twice. os.walk(followlinks=True), the previous scan, never ended here (checked: 500,000 folders and
+    still walking after 60 s). Each real folder is listed once, under its real name first."""
+    import time
+
+    base = tmp_path / "diff_plugin"
+    write_released_plugin(base / "a", "derain", seed=0)
+    (base / "b").mkdir()
+    (base / "a" / "up").symlink_to(base)
+    (base / "b" / "sideways").symlink_to(base / "a")
+    (base / "b" / "self").symlink_to(base / "b")
+    outside = tmp_path / "outside"
+    write_released_plugin(outside / "c", "dehaze", seed=1)
+    (outside / "c" / "back").symlink_to(base)
+    (base / "b" / "out1").symlink_to(outside)
+    (base / "b" / "out2").symlink_to(outside)
+    real_dirs = {str(p.resolve()) for root in (base, outside) for p in [root, *root.rglob("*")] if p.is_dir()}
+    started = time.perf_counter()
+    scan = _scan_in_thread([str(base)])
+    elapsed = time.perf_counter() - started
+    assert scan.plugins == ["a/derain", "b/out1/c/dehaze"] and not scan.truncated
+    assert scan.dirs_visited <= len(real_dirs), (scan.dirs_visited, len(real_dirs))
+    print(f"loop scan: {scan.dirs_visited} folders in {elapsed * 1000:.1f} ms")
+
+
+def test_scan_depth_and_folder_count_are_bounded(tmp_path):
+    base = tmp_path / "diff_plugin"
+    deep = base.joinpath(*[f"d{i}" for i in range(pf.MAX_SCAN_DEPTH + 3)])
+    write_released_plugin(deep, "too_deep", seed=0)
+    write_released_plugin(base / "d0", "shallow", seed=1)
+    scan = _scan_in_thread([str(base)])
+    assert scan.plugins == ["d0/shallow"]
+    assert scan.dirs_visited <= pf.MAX_SCAN_DEPTH + 1
+    for i in range(50):
+        (base / "wide" / f"w{i}").mkdir(parents=True)
+    small = _scan_in_thread([str(base)], max_dirs=10)
+    assert small.truncated and small.dirs_visited == 10

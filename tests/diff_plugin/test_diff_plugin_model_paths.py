@@ -45,3 +45,91 @@ def test_missing_plugin_names_every_searched_folder(comfy, tmp_path):
     assert "PlugKitTaskPluginLoader" in message and "no_such_plugin" in message
     for folder in plugin_folders():
         assert folder in message
+
+
+@pytest.fixture
+def plugin_folder(comfy, tmp_path):
+    """A registered diff_plugin folder holding 'derain' and a selector, and a real plugin and selector
+    outside every registered folder (what a hostile prompt would try to reach)."""
+    import folder_paths
+    import torch
+
+    from plugkit.nodes.diff_plugin.plugin_nodes import plugin_folders
+    from plugkit.nodes.diff_plugin.plugin_selector import PromptTuner
+
+    base = tmp_path / "models" / "diff_plugin"
+    write_released_plugin(base, "derain", seed=0)
+    outside = tmp_path / "elsewhere"
+    write_released_plugin(outside, "evil", seed=1)
+    torch.save({"model": PromptTuner().state_dict()}, outside / "PromptTunner.pt")
+    plugin_folders()
+    before = {k: (list(v[0]), set(v[1])) for k, v in folder_paths.folder_names_and_paths.items()}
+    folder_paths.folder_names_and_paths["diff_plugin"] = ([str(base)], set())
+    try:
+        yield base, outside
+    finally:
+        folder_paths.folder_names_and_paths.clear()
+        folder_paths.folder_names_and_paths.update(before)
+
+
+def _message(call, name) -> str:
+    with pytest.raises(ValueError) as err:
+        call(name)
+    return str(err.value).replace(repr(name), "<name>")
+
+
+def test_names_outside_the_folders_get_the_not_found_message(plugin_folder):
+    """ComfyUI 0.3.75 does not check V3 dropdown values, so the node must: a name that is not in its list
+    (absolute, '..', a file that is no plugin) gets exactly the message of a missing name, whether or not
+    something exists there."""
+    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitPluginSelector, PlugKitTaskPluginLoader
+
+    base, outside = plugin_folder
+    assert PlugKitTaskPluginLoader.execute(plugin_name="derain").result[0].name == "derain"
+    hostile = [str(outside / "evil"), "../../elsewhere/evil", "../../elsewhere/evil/tpb.pt",
+               "derain/../../../elsewhere/evil", "/etc/passwd", "../" * 12 + "etc/passwd", "/nonexistent/path",
+               "derain/tpb.pt", str(base / "derain")]
+
+    def load(name):
+        return PlugKitTaskPluginLoader.execute(plugin_name=name)
+
+    missing = _message(load, "no_such_plugin")
+    assert missing.startswith("PlugKitTaskPluginLoader: input 'plugin_name':") and str(base) in missing
+    for name in hostile:
+        assert _message(load, name) == missing, name
+
+    def select(name):
+        return PlugKitPluginSelector.execute(clip=None, clip_vision=None, image=None, instruction="x",
+                                             selector_name=name, plugin_1=object())
+
+    missing = _message(select, "no_such_selector.pt")
+    assert missing.startswith("PlugKitPluginSelector: input 'selector_name':")
+    for name in [str(outside / "PromptTunner.pt"), "../../elsewhere/PromptTunner.pt", "/etc/passwd", "derain/tpb.pt"]:
+        assert _message(select, name) == missing, name
+
+
+def test_listing_offers_the_names_the_loader_accepts(plugin_folder):
+    """Links the owner placed in the folder (a plugin kept on another disk) are listed and load, as in
+    ComfyUI's own model folders; the test servers link their random plugins in the same way."""
+    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitTaskPluginLoader, scan_folder
+
+    base, outside = plugin_folder
+    (base / "linked").symlink_to(outside / "evil")
+    plugins, selectors = scan_folder()
+    assert plugins == ["derain", "linked"] and selectors == []
+    assert PlugKitTaskPluginLoader.define_schema().inputs[0].options == ["derain", "linked"]
+    assert PlugKitTaskPluginLoader.execute(plugin_name="linked").result[0].name == "linked"
+
+
+def test_choice_inputs_are_checked_by_the_nodes(comfy):
+    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitPluginSelector, PlugKitRunPluginChain
+
+    with pytest.raises(ValueError, match=r"PlugKitPluginSelector: input 'rule' is 'best'; use one of"):
+        PlugKitPluginSelector.execute(clip=None, clip_vision=None, image=None, instruction="x",
+                                      selector_name="s.pt", rule="best", plugin_1=object())
+    with pytest.raises(ValueError, match=r"PlugKitRunPluginChain: input 'scheduler' is 'fast'; use one of"):
+        PlugKitRunPluginChain.execute(model=None, clip_vision=None, vae=None, image=None, plugin=object(),
+                                      scheduler="fast")
+    with pytest.raises(ValueError, match=r"PlugKitRunPluginChain: input 'sampler_name' is '../x'"):
+        PlugKitRunPluginChain.execute(model=None, clip_vision=None, vae=None, image=None, plugin=object(),
+                                      sampler_name="../x")

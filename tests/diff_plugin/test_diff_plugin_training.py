@@ -145,6 +145,7 @@ def test_node_and_cli(trainer_setup, tmp_path):
 
     model, cv, vae, data = trainer_setup
     out = tmp_path / "cli" / "mine.safetensors"
+    out.parent.mkdir()
     assert main(["--checkpoint", "unused", "--clip-vision", "unused", "--data", str(data), "--output", str(out),
                  "--resolution", "64", "--steps", "2", "--save-every", "1", "--learning-rate", "1e-4"],
                 model=model, clip_vision=cv, vae=vae) == 0
@@ -165,3 +166,79 @@ def test_node_and_cli(trainer_setup, tmp_path):
                                            plugin_name="../escape", steps=1)
     finally:
         paths.remove(str(tmp_path / "models"))
+
+
+def test_images_smaller_than_the_resolution_are_refused_by_name(comfy, tiny_model, tiny_clip_vision, tiny_vae, tmp_path):
+    data = write_pairs(tmp_path / "tiny", size=16)
+    with pytest.raises(ValueError, match=r"no usable.*a\.png: 16x16 px, smaller than the training resolution 64"):
+        _train((tiny_model, tiny_clip_vision, tiny_vae, data), tmp_path / "t.safetensors", steps=1)
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+@pytest.fixture
+def train_folder(comfy, tmp_path):
+    """models/diff_plugin registered at tmp_path/models (first, where the node writes)."""
+    import folder_paths
+    from plugkit.nodes.diff_plugin.plugin_nodes import plugin_folders
+
+    plugin_folders()
+    paths = folder_paths.folder_names_and_paths["diff_plugin"][0]
+    base = tmp_path / "models"
+    paths.insert(0, str(base))
+    try:
+        yield base
+    finally:
+        paths.remove(str(base))
+
+
+def _node(setup, **kw):
+    from plugkit.nodes.diff_plugin.train_nodes import PlugKitTrainTaskPlugin
+
+    model, cv, vae, data = setup
+    args = dict(model=model, clip_vision=cv, vae=vae, data_folder=str(data), plugin_name="mine", resolution=64,
+                steps=1, save_every=0, learning_rate=1e-4, seed=0, resume=False, start="input")
+    args.update(kw)
+    return PlugKitTrainTaskPlugin.execute(**args)
+
+
+def test_an_existing_plugin_is_never_overwritten(trainer_setup, train_folder):
+    """resume off on an existing name, or resume on over a file that is not a training save (a user's or a
+    converted released plugin): refused before any work, the file kept byte for byte, no .optim.pt beside it."""
+    from plugkit.nodes.diff_plugin import plugin_files as pf
+    from plugkit.nodes.diff_plugin.task_plugin import TaskPlugin
+
+    train_folder.mkdir()
+    users = pf.save_plugin(TaskPlugin("derain", scb_channels=32), train_folder / "derain.safetensors",
+                           {"source": "released Diff-Plugin folder derain"})
+    before = users.read_bytes()
+    for resume in (False, True):
+        with pytest.raises(ValueError, match=r"PlugKitTrainTaskPlugin: input 'plugin_name': .*derain.safetensors' "
+                                             r"already exists"):
+            _node(trainer_setup, plugin_name="derain", resume=resume)
+        assert users.read_bytes() == before
+        assert not (train_folder / "derain.safetensors.optim.pt").exists()
+    # a PlugKit training save: resume off is refused (naming the fix), resume on continues it
+    _node(trainer_setup, plugin_name="mine", steps=1)
+    saved = (train_folder / "mine.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"resume is off; PlugKit never overwrites a plugin: turn input 'resume' on"):
+        _node(trainer_setup, plugin_name="mine", steps=2)
+    assert (train_folder / "mine.safetensors").read_bytes() == saved
+    _, report = _node(trainer_setup, plugin_name="mine", steps=2, resume=True).result
+    assert "steps 1 -> 2" in report
+    assert sorted(p.name for p in train_folder.iterdir()) == [
+        "derain.safetensors", "mine.safetensors", "mine.safetensors.optim.pt"]  # no temporaries left
+
+
+def test_node_names_and_choices_are_checked(trainer_setup, train_folder, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    train_folder.mkdir()
+    (train_folder / "out").symlink_to(outside)
+    for name in ("../escape", "/tmp/abs", "out/x", "", "a/../../b"):
+        with pytest.raises(ValueError, match="PlugKitTrainTaskPlugin: input 'plugin_name'"):
+            _node(trainer_setup, plugin_name=name)
+    assert not list(outside.iterdir()) and not (tmp_path / "escape.safetensors").exists()
+    with pytest.raises(ValueError, match="PlugKitTrainTaskPlugin: input 'start' is 'sideways'"):
+        _node(trainer_setup, start="sideways")
+    _node(trainer_setup, plugin_name="team/sub/mine")  # sub-folders inside models/diff_plugin are made
+    assert (train_folder / "team" / "sub" / "mine.safetensors").is_file()
