@@ -70,7 +70,8 @@ def step_index(sigma, sigmas: torch.Tensor, rtol: float = 1e-4) -> int:
 TIE_TOLERANCE = 1e-7
 
 
-def step_free_mask(change: torch.Tensor, index: int, steps: int, exact_keep: bool = False) -> torch.Tensor:
+def step_free_mask(change: torch.Tensor, index: int, steps: int, exact_keep: bool = False,
+                   last_of_run: bool = False) -> torch.Tensor:
     """Binary free mask for the ``step`` schedule at step ``index`` of ``steps`` (ComfyUI's sampler).
 
     Officially the input of step i is reset while ``keep > i / steps``; ComfyUI's sampler also
@@ -79,10 +80,15 @@ def step_free_mask(change: torch.Tensor, index: int, steps: int, exact_keep: boo
     comparison, see ``TIE_TOLERANCE``) and free otherwise: it is moved by the model in the step
     whose input the official code last resets. keep = 1 - change. A pixel with keep 1 is free only
     on the last step (moved once, as officially); ``exact_keep`` holds change-0 pixels there too.
+    ``last_of_run``: the sampler's last step, which the official loop never follows with a reset,
+    so every pixel is free (automatic when ``index`` is ``steps - 1``; needed when the thresholds
+    span more steps than the run, as the official SDXL code's do at strength < 1).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     keep = 1.0 - change.to(torch.float64)
+    if last_of_run:
+        index = steps - 1
     free = keep <= (index + 1) / steps + TIE_TOLERANCE
     if exact_keep:
         free = free & (change > 0)

@@ -39,20 +39,29 @@ class DenoiseMaskSchedule:
     Stateless between calls: the step index is derived from ``sigmas`` and the current sigma.
     """
 
-    def __init__(self, schedule: str = "sigma", strength: float = 1.0, exact_keep: bool = False):
+    def __init__(self, schedule: str = "sigma", strength: float = 1.0, exact_keep: bool = False,
+                 total_steps: int = 0, first_step: int = 0):
         self.schedule = schedule
         self.strength = float(strength)
         self.exact_keep = bool(exact_keep)
+        self.total_steps = int(total_steps)
+        self.first_step = int(first_step)
 
     def __repr__(self) -> str:
         return (f"DenoiseMaskSchedule(schedule={self.schedule!r}, strength={self.strength}, "
-                f"exact_keep={self.exact_keep})")
+                f"exact_keep={self.exact_keep}, total_steps={self.total_steps}, first_step={self.first_step})")
 
     def __call__(self, sigma: torch.Tensor, denoise_mask: torch.Tensor, extra_options: dict) -> torch.Tensor:
         sigmas = extra_options["sigmas"]
         if self.schedule == "step":
-            steps = max(len(sigmas) - 1, 1)
-            binary = step_free_mask(denoise_mask, step_index(sigma.flatten()[0], sigmas), steps, self.exact_keep)
+            run = max(len(sigmas) - 1, 1)
+            index = step_index(sigma.flatten()[0], sigmas)
+            last = index == run - 1
+            if self.total_steps > 0:  # global thresholds: this run is steps first_step.. of total_steps
+                index, steps = self.first_step + index, self.total_steps
+            else:
+                steps = run
+            binary = step_free_mask(denoise_mask, index, steps, self.exact_keep, last_of_run=last)
         else:
             sampling = extra_options["model"].inner_model.model_sampling
             sigma_to = sampling.sigma_min
@@ -128,6 +137,10 @@ class PlugKitDifferentialDiffusion(io.ComfyNode):
                                  tooltip="Never free pixels whose change value is 0. sigma: also on the final step of schedulers that end at the model's minimum sigma (normal, karras), where core frees them. step: also on the last step, where the official code moves them once. Off reproduces core (sigma) and the official code (step)."),
                 io.Combo.Input("map_resize", options=list(cm.RESIZE_MODES), default=cm.RESIZE_BILINEAR, optional=True,
                                tooltip="How the map is fitted to the latent. bilinear: no antialiasing, exactly as the official code and core (SetLatentNoiseMask) do. area: each latent pixel gets the mean of the map pixels it covers (no aliasing of hard edges when shrinking 8x)."),
+                io.Int.Input("total_steps", default=0, min=0, max=10000, optional=True,
+                             tooltip="step schedule only. 0: thresholds over the steps this sampler runs (official SD2 code). N: thresholds over N steps of which this run is steps first_step.. (official SDXL code: N = its num_inference_steps; for a refiner pass first_step = the base pass's steps; with denoise < 1, N = the scheduler's full step count)."),
+                io.Int.Input("first_step", default=0, min=0, max=10000, optional=True,
+                             tooltip="step schedule with total_steps > 0: the global index of this run's first step (e.g. KSamplerAdvanced's start_at_step)."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the Differential Diffusion mask schedule."),
@@ -137,10 +150,17 @@ class PlugKitDifferentialDiffusion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, samples, change_map, strength=1.0, map_convention=cm.WHITE_CHANGE,
-                schedule="sigma", exact_keep=False, map_resize=cm.RESIZE_BILINEAR) -> io.NodeOutput:
+                schedule="sigma", exact_keep=False, map_resize=cm.RESIZE_BILINEAR, total_steps=0,
+                first_step=0) -> io.NodeOutput:
         node = "PlugKitDifferentialDiffusion"
         if not (isinstance(strength, (int, float)) and math.isfinite(strength) and 0.0 <= strength <= 1.0):
             raise ValueError(f"{node}: input 'strength' is {strength!r}; use a number from 0 to 1 (1: Differential Diffusion).")
+        for name, value in (("total_steps", total_steps), ("first_step", first_step)):
+            if not (isinstance(value, int) and 0 <= value <= 10000):
+                raise ValueError(f"{node}: input '{name}' is {value!r}; use a whole number from 0 to 10000.")
+        if first_step > 0 and first_step >= total_steps:
+            raise ValueError(f"{node}: input 'first_step' ({first_step}) needs 'total_steps' above it (got {total_steps}); "
+                             f"set total_steps to the full schedule's step count, or first_step to 0.")
         if map_resize not in cm.RESIZE_MODES:
             raise ValueError(f"{node}: input 'map_resize' is {map_resize!r}; use one of {list(cm.RESIZE_MODES)}.")
         if map_convention not in cm.CONVENTIONS:
@@ -156,7 +176,9 @@ class PlugKitDifferentialDiffusion(io.ComfyNode):
                 "Diffusion); it is replaced. Apply only one Differential Diffusion node per model.",
                 node, previous,
             )
-        m.set_model_denoise_mask_function(DenoiseMaskSchedule(schedule, strength, exact_keep))
+        if schedule != "step" and (total_steps or first_step):
+            log.warning("%s: total_steps and first_step apply to schedule 'step' only; ignored for %r.", node, schedule)
+        m.set_model_denoise_mask_function(DenoiseMaskSchedule(schedule, strength, exact_keep, total_steps, first_step))
         return io.NodeOutput(m, latent)
 
 

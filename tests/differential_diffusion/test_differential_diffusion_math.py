@@ -65,6 +65,16 @@ def test_step_free_mask_is_the_official_rule_one_step_ahead():
     assert torch.equal(step_free_mask(change[:-1], steps - 1, steps, exact_keep=True), torch.ones(20))
 
 
+def test_step_free_mask_last_step_of_a_shorter_run_frees_everything():
+    """Thresholds over 10 steps, a run of 6 (official SDXL at strength 0.6): nothing resets after the
+    run's last step, so every pixel is free there; before it, the global rule holds."""
+    change = torch.tensor([0.0, 0.2, 0.45, 1.0])
+    assert step_free_mask(change, 4, 10).tolist() == [0, 0, 0, 1]  # keep 0.55 > 5/10: held
+    assert step_free_mask(change, 5, 10).tolist() == [0, 0, 1, 1]
+    assert step_free_mask(change, 5, 10, last_of_run=True).tolist() == [1, 1, 1, 1]
+    assert step_free_mask(change, 5, 10, exact_keep=True, last_of_run=True).tolist() == [0, 1, 1, 1]
+
+
 def test_step_free_mask_ties_as_the_official_float32_comparison():
     """8-bit map values equal to a threshold (51/255 = 2/10) are not held, as float32 ``map > i/N``
     decides officially, although 1 - (1 - m) is not m in float32; the next 8-bit value is held."""
