@@ -16,9 +16,29 @@ WHITE_CHANGE = "white=change"
 WHITE_KEEP = "white=keep"
 CONVENTIONS = (WHITE_CHANGE, WHITE_KEEP)
 
-CHANNELS = ("luminance", "red", "green", "blue", "alpha", "average")
-# Rec. 709 / sRGB luma weights.
-LUMA_WEIGHTS = (0.2126, 0.7152, 0.0722)
+CHANNELS = ("luminance", "luminance_709", "red", "green", "blue", "alpha", "average")
+# Rec. 601 luma as Pillow's "L" conversion computes it (what the official map loader uses,
+# ``map.convert("L")``): 8-bit inputs, weights 299/587/114 in 16-bit fixed point, rounded to 8 bits.
+PIL_L_WEIGHTS = (19595, 38470, 7471)
+# Rec. 709 / sRGB luma weights (``luminance_709``).
+LUMA_709_WEIGHTS = (0.2126, 0.7152, 0.0722)
+
+RESIZE_BILINEAR = "bilinear"
+RESIZE_AREA = "area"
+RESIZE_MODES = (RESIZE_BILINEAR, RESIZE_AREA)
+
+
+def check_finite(t: torch.Tensor) -> str | None:
+    """None if every value is finite, else a short description of what is not (for error messages)."""
+    if not torch.is_floating_point(t):
+        return None
+    bad = ~torch.isfinite(t)
+    if not bool(bad.any()):
+        return None
+    nan = int(torch.isnan(t).sum().item())
+    inf = int(bad.sum().item()) - nan
+    parts = [f"{nan} NaN" if nan else "", f"{inf} infinite" if inf else ""]
+    return " and ".join(p for p in parts if p) + f" value(s) out of {t.numel()}"
 
 
 def as_batch(mask: torch.Tensor) -> torch.Tensor:
@@ -49,33 +69,58 @@ def aspect_mismatch(map_hw: tuple[int, int], latent_hw: tuple[int, int]) -> bool
     return abs(lh * mw / mh - lw) > 1.0 or abs(lw * mh / mw - lh) > 1.0
 
 
-def resize_to(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize_to(mask: torch.Tensor, size: tuple[int, int], mode: str = RESIZE_BILINEAR) -> torch.Tensor:
     """Resize a [B, H, W] map to ``size`` (h, w), returning [B, 1, h, w].
 
-    Shrinking averages areas (each latent pixel gets the mean of the map pixels it covers); enlarging
-    (a map smaller than the latent) interpolates bilinearly. Same size: an exact copy.
+    ``bilinear`` (default): bilinear interpolation without antialiasing, align_corners False; this
+    is what the official code does (``torchvision.transforms.Resize(..., antialias=None)`` on a
+    tensor) and what ComfyUI core does to a noise mask (``comfy.utils.reshape_mask``), bit for bit.
+    ``area``: shrinking averages areas (each latent pixel gets the mean of the map pixels it
+    covers, no aliasing of hard edges); enlarging interpolates bilinearly. Same size: an exact copy.
     """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {mode!r}; expected one of {RESIZE_MODES}")
     m = as_batch(mask).unsqueeze(1).float()
     h, w = size
     if tuple(m.shape[-2:]) == (h, w):
         return m.clone()
-    if m.shape[-2] >= h and m.shape[-1] >= w:
+    if mode == RESIZE_AREA and m.shape[-2] >= h and m.shape[-1] >= w:
         return F.interpolate(m, size=(h, w), mode="area")
     return F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
 
 
+def pil_luminance(rgb: torch.Tensor) -> torch.Tensor:
+    """Pillow's ``convert("L")`` of [..., 3] values in 0..1, returned in 0..1 (multiples of 1/255).
+
+    The values are taken to 8 bits (``round(v * 255)``, exact for images loaded from 8-bit files),
+    then ``(R*19595 + G*38470 + B*7471 + 0x8000) >> 16`` as Pillow's ``rgb2l``.
+    """
+    q = torch.round(rgb.to(torch.float64).clamp(0.0, 1.0) * 255.0).to(torch.int64)
+    w = torch.tensor(PIL_L_WEIGHTS, dtype=torch.int64, device=rgb.device)
+    lum = ((q * w).sum(-1) + 0x8000) >> 16
+    return (lum.to(torch.float32) / 255.0).to(rgb.dtype)
+
+
 def extract_channel(image: torch.Tensor, channel: str) -> torch.Tensor:
-    """One channel of an IMAGE [B, H, W, C] as [B, H, W] (``luminance``: Rec. 709 luma)."""
+    """One channel of an IMAGE [B, H, W, C] as [B, H, W].
+
+    ``luminance``: Rec. 601 exactly as Pillow's "L" (the official loader; 8-bit steps).
+    ``luminance_709``: Rec. 709 luma, unquantised. A one-channel image is returned as is.
+    """
     if image.dim() == 3:
         image = image.unsqueeze(0)
     c = image.shape[-1]
-    if channel == "luminance":
+    if channel in ("luminance", "luminance_709"):
         if c == 1:
             return image[..., 0].clone()
-        w = torch.tensor(LUMA_WEIGHTS, dtype=image.dtype, device=image.device)
+        if channel == "luminance":
+            return pil_luminance(image[..., :3])
+        w = torch.tensor(LUMA_709_WEIGHTS, dtype=image.dtype, device=image.device)
         return (image[..., :3] * w).sum(-1)
     if channel == "average":
         return image[..., : min(c, 3)].mean(-1)
+    if channel not in ("red", "green", "blue", "alpha"):
+        raise ValueError(f"unknown channel {channel!r}; expected one of {CHANNELS}")
     index = {"red": 0, "green": 1, "blue": 2, "alpha": 3}[channel]
     if index >= c:
         raise ValueError(f"the image has {c} channel(s); it has no {channel} channel")

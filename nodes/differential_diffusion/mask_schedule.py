@@ -6,8 +6,13 @@ k = 1 - change. Two schedules:
 
 - ``sigma`` (ComfyUI core's rule): the threshold falls linearly in model timestep from 1 at the
   first sigma to 0 at ``max(last sigma, sigma_min)``; a pixel is free once ``change >= threshold``.
-- ``step`` (the official rule): with N steps run, at step i (0-based) a pixel is held to the
-  original (re-noised) while ``keep > i / N``, i.e. for its first ``keep * N`` steps, then free.
+- ``step`` (the official rule, exx8/differential-diffusion ``SD2/diff_pipe.py``): with N steps
+  run, the official loop resets a pixel to the original (re-noised) at the *input* of step i
+  (0-based) while ``keep > i / N`` and then lets the model move it in that step. In ComfyUI a held
+  pixel's model *output* is reset as well (``KSamplerX0Inpaint``), and holding it at step i is what
+  resets the input of step i + 1; so the same rule reads "held at step i while
+  ``keep > (i + 1) / N``". A pixel with keep 1 is moved once, in the last step, as officially;
+  ``exact_keep`` holds it on that step too.
 
 Written for PlugKit from the paper (Levin & Fried, "Differential Diffusion: Giving Each Pixel Its
 Strength", arXiv:2306.00950) and the behaviour of the official and core implementations.
@@ -58,17 +63,36 @@ def step_index(sigma, sigmas: torch.Tensor, rtol: float = 1e-4) -> int:
     return min(max(started - 1, 0), n - 1)
 
 
-def step_free_mask(change: torch.Tensor, index: int, steps: int) -> torch.Tensor:
-    """Binary free mask for the ``step`` schedule at step ``index`` of ``steps``.
+# A map value within this distance of a threshold counts as equal to it: the official compares
+# float32 values (``map > i / N``), where an 8-bit map value k/255 that equals i/N exactly is the
+# same float32 number (both are correctly rounded), while ours arrives as ``change = 1 - keep``, one
+# float32 rounding away. Distinct 8-bit values lie >= 1/(255 N) from a threshold (3.9e-6 at N=1000).
+TIE_TOLERANCE = 1e-7
 
-    The official rule holds a pixel while ``keep > index / steps`` with ``keep = 1 - change``, so it
-    is free when ``keep <= index / steps``. A pixel with keep 1 is held on every step (it ends
-    exactly as the original); one with keep 0 is free from the first step.
+
+def step_free_mask(change: torch.Tensor, index: int, steps: int, exact_keep: bool = False,
+                   last_of_run: bool = False) -> torch.Tensor:
+    """Binary free mask for the ``step`` schedule at step ``index`` of ``steps`` (ComfyUI's sampler).
+
+    Officially the input of step i is reset while ``keep > i / steps``; ComfyUI's sampler also
+    resets a held pixel's output, which is the input of the next step, so the pixel is held at
+    step ``index`` while ``keep > (index + 1) / steps`` (ties as in the official float32
+    comparison, see ``TIE_TOLERANCE``) and free otherwise: it is moved by the model in the step
+    whose input the official code last resets. keep = 1 - change. A pixel with keep 1 is free only
+    on the last step (moved once, as officially); ``exact_keep`` holds change-0 pixels there too.
+    ``last_of_run``: the sampler's last step, which the official loop never follows with a reset,
+    so every pixel is free (automatic when ``index`` is ``steps - 1``; needed when the thresholds
+    span more steps than the run, as the official SDXL code's do at strength < 1).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    keep = 1.0 - change
-    return (keep <= index / steps).to(change.dtype)
+    keep = 1.0 - change.to(torch.float64)
+    if last_of_run:
+        index = steps - 1
+    free = keep <= (index + 1) / steps + TIE_TOLERANCE
+    if exact_keep:
+        free = free & (change > 0)
+    return free.to(change.dtype)
 
 
 def blend_strength(binary: torch.Tensor, change: torch.Tensor, strength: float) -> torch.Tensor:

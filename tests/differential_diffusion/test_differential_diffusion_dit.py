@@ -100,7 +100,8 @@ def test_dit_keep_is_exact_and_gradient_is_followed(tiny_dit):
 
     model, lat, _, _ = tiny_dit
     m, out = PlugKitDifferentialDiffusion.execute(model=model, samples={"samples": lat},
-                                                  change_map=torch.zeros(1, 128, 128), schedule="step").result
+                                                  change_map=torch.zeros(1, 128, 128), schedule="step",
+                                                  exact_keep=True).result
     assert (run(tiny_dit, m, out["noise_mask"]) - lat).abs().max().item() <= TOL
 
     m, out = PlugKitDifferentialDiffusion.execute(model=model, samples={"samples": lat},

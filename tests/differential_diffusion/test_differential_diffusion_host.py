@@ -30,14 +30,15 @@ def nodes():
 
 
 def run_ours(env, change_map, *, latent=None, strength=1.0, convention="white=change", schedule="sigma",
-             exact_keep=False, **kw):
+             exact_keep=False, map_resize="bilinear", **kw):
     from tools.models import sample
 
     model, lat, pos, neg = env
     lat = lat if latent is None else latent
     dd, _ = nodes()
     m, out = dd.execute(model=model, samples={"samples": lat}, change_map=change_map, strength=strength,
-                        map_convention=convention, schedule=schedule, exact_keep=exact_keep).result
+                        map_convention=convention, schedule=schedule, exact_keep=exact_keep,
+                        map_resize=map_resize).result
     kw.setdefault("cfg", CFG)
     return sample(m, lat, pos, neg, noise_mask=out["noise_mask"], **kw)
 
@@ -70,12 +71,24 @@ def maxdiff(a, b):
 def test_parity_with_core_at_defaults(env, comfy_nodes, which):
     if which == "latent_size_random":
         change = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(3))
-    else:  # 8x the latent: area averaging and core's bilinear sampling agree on a linear ramp
+    else:  # 8x the latent: our default bilinear resize is core's
         change = cm.linear_gradient(128, 128)
     ours = run_ours(env, change, cfg=2.0)
     core = run_core(env, comfy_nodes, change, cfg=2.0)
     assert maxdiff(ours, core) <= TOL
     assert maxdiff(ours, run_plain(env, cfg=2.0)) > 1e-2  # the map did something
+
+
+def test_parity_with_core_on_a_hard_edged_map_needs_bilinear(env, comfy_nodes):
+    """A painted hard-edged map at 8x the latent, edges off the 8-pixel grid: the default bilinear
+    resize equals core (which resizes the noise mask bilinearly); area averaging releases the edge
+    pixels at other steps."""
+    change = torch.zeros(1, 128, 128)
+    change[:, 13:61, 21:70] = 1.0
+    change[:, 70:117, 50:123] = 0.5
+    core = run_core(env, comfy_nodes, change)
+    assert maxdiff(run_ours(env, change), core) <= TOL
+    assert maxdiff(run_ours(env, change, map_resize="area"), core) > 1e-2
 
 
 def test_parity_with_core_strength_blend(env, comfy_nodes):
@@ -94,11 +107,15 @@ def test_parity_with_core_strength_blend(env, comfy_nodes):
     ("white=change", 0.6, "karras"),
     ("white=keep", 0.6, "normal"),
 ])
-def test_all_keep_step_schedule_is_exact(env, convention, denoise, scheduler):
-    """schedule=step: a keep value of 1 is held on every step, whatever the scheduler."""
+def test_all_keep_step_schedule(env, convention, denoise, scheduler):
+    """schedule=step: a keep value of 1 is held up to the last step and moved there once, as the
+    official loop does; with exact_keep it is held on every step, whatever the scheduler."""
     keep_map = torch.zeros(1, 16, 16) if convention == "white=change" else torch.ones(1, 16, 16)
-    out = run_ours(env, keep_map, convention=convention, schedule="step", scheduler=scheduler, denoise=denoise)
-    assert maxdiff(out, env[1]) <= TOL
+    exact = run_ours(env, keep_map, convention=convention, schedule="step", scheduler=scheduler, denoise=denoise,
+                     exact_keep=True)
+    assert maxdiff(exact, env[1]) <= TOL
+    moved = run_ours(env, keep_map, convention=convention, schedule="step", scheduler=scheduler, denoise=denoise)
+    assert maxdiff(moved, env[1]) > 1e-3
 
 
 @pytest.mark.parametrize("denoise", [1.0, 0.6])
@@ -173,10 +190,8 @@ def test_gradient_change_per_column_is_monotone(env, convention, schedule, denoi
                    denoise=denoise, steps=w + 1, noise=noise)
     per_column = (out - lat).abs().mean(dim=(0, 1, 2))[pad:pad + w]  # ordered by change value
     assert torch.all(per_column[1:] > per_column[:-1]), per_column
-    # the least-change column is held to the last step: nothing (step) or one step's change (sigma)
+    # the least-change column is held to the last step and moved only there
     assert per_column[0] * 5 < per_column[1], per_column
-    if schedule == "step":
-        assert per_column[0] <= TOL
 
 
 # ---- batches -----------------------------------------------------------------------------------
@@ -185,7 +200,7 @@ def test_batch_of_two_with_two_maps(env):
     model, lat, pos, neg = env
     lat2 = torch.cat([lat, lat.flip(-1)])
     maps = torch.stack([torch.zeros(16, 16), torch.ones(16, 16)])  # item 0 keep, item 1 change
-    out = run_ours(env, maps, latent=lat2, schedule="step")
+    out = run_ours(env, maps, latent=lat2, schedule="step", exact_keep=True)
     plain = run_plain(env, latent=lat2)
     assert maxdiff(out[0], lat2[0]) <= TOL
     assert maxdiff(out[1], plain[1]) <= TOL
@@ -208,7 +223,7 @@ def test_batch_of_two_with_gradient_maps(env, schedule):
 def test_single_map_broadcasts_over_batch(env):
     _, lat, _, _ = env
     lat2 = torch.cat([lat, -lat])
-    out = run_ours(env, torch.zeros(1, 16, 16), latent=lat2, schedule="step")
+    out = run_ours(env, torch.zeros(1, 16, 16), latent=lat2, schedule="step", exact_keep=True)
     assert maxdiff(out, lat2) <= TOL
 
 
@@ -234,8 +249,11 @@ def test_latent_output_resized_converted_and_inputs_untouched(env, caplog):
     assert torch.equal(change_map, before)
     assert "noise_mask" not in samples and out["batch_index"] == [0] and out["samples"] is lat
     assert out["noise_mask"].shape == (1, 1, 16, 16)
-    expected = torch.nn.functional.avg_pool2d(1 - before.unsqueeze(1), 8)
+    expected = torch.nn.functional.interpolate(1 - before.unsqueeze(1), size=(16, 16), mode="bilinear")
     assert torch.allclose(out["noise_mask"], expected, atol=1e-6)
+    _, area = dd.execute(model=model, samples=samples, change_map=change_map, map_convention="white=keep",
+                         map_resize="area").result
+    assert torch.allclose(area["noise_mask"], torch.nn.functional.avg_pool2d(1 - before.unsqueeze(1), 8), atol=1e-6)
     assert "denoise_mask_function" not in model.model_options
     assert "denoise_mask_function" in m.model_options
 
@@ -274,6 +292,32 @@ def test_nothing_leaks_across_runs(env):
     assert torch.equal(first, again)
 
 
+@pytest.mark.parametrize("where", ["one pixel", "everywhere", "inf"])
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_non_finite_change_map_is_a_clear_error(env, where, strength):
+    """A NaN in a map used to give NaN latents (strength < 1) or the source unchanged (strength 1)."""
+    model, lat, _, _ = env
+    dd, _ = nodes()
+    change = torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(2))
+    if where == "one pixel":
+        change[0, 5, 7] = float("nan")
+    elif where == "everywhere":
+        change[:] = float("nan")
+    else:
+        change[0, 1, 1] = float("inf")
+    kind = "infinite" if where == "inf" else "NaN"
+    with pytest.raises(ValueError, match=rf"PlugKitDifferentialDiffusion: input 'change_map' holds \d+ {kind}"):
+        dd.execute(model=model, samples={"samples": lat}, change_map=change, strength=strength, schedule="step")
+
+
+@pytest.mark.parametrize("strength", [float("nan"), float("inf"), -0.5, 1.5])
+def test_bad_strength_is_a_clear_error(env, strength):
+    model, lat, _, _ = env
+    dd, _ = nodes()
+    with pytest.raises(ValueError, match=r"PlugKitDifferentialDiffusion: input 'strength'"):
+        dd.execute(model=model, samples={"samples": lat}, change_map=torch.rand(1, 16, 16), strength=strength)
+
+
 def test_bad_combo_values_are_clear_errors(env):
     model, lat, _, _ = env
     dd, _ = nodes()
@@ -281,6 +325,8 @@ def test_bad_combo_values_are_clear_errors(env):
         dd.execute(model=model, samples={"samples": lat}, change_map=torch.rand(1, 16, 16), map_convention="black")
     with pytest.raises(ValueError, match="schedule"):
         dd.execute(model=model, samples={"samples": lat}, change_map=torch.rand(1, 16, 16), schedule="linear")
+    with pytest.raises(ValueError, match="PlugKitDifferentialDiffusion: input 'map_resize'"):
+        dd.execute(model=model, samples={"samples": lat}, change_map=torch.rand(1, 16, 16), map_resize="nearest")
 
 
 # ---- PlugKitChangeMap --------------------------------------------------------------------------
@@ -314,6 +360,24 @@ def test_change_map_node_errors(comfy):
         cmap.execute(mask=torch.zeros(1, 4, 4), min_value=0.9, max_value=0.1)
 
 
+@pytest.mark.parametrize("name", ["gamma", "contrast", "blur_radius", "min_value", "max_value"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_change_map_non_finite_float_inputs_are_clear_errors(comfy, name, value):
+    """NaN passes ComfyUI's min/max checks; ``gamma = NaN`` used to return an all-NaN map."""
+    _, cmap = nodes()
+    with pytest.raises(ValueError, match=rf"PlugKitChangeMap: input '{name}' is (nan|inf)"):
+        cmap.execute(mask=torch.rand(1, 8, 8), **{name: value})
+
+
+@pytest.mark.parametrize("source", ["image", "mask"])
+def test_change_map_non_finite_source_is_a_clear_error(comfy, source):
+    _, cmap = nodes()
+    t = torch.rand(1, 8, 8, 3) if source == "image" else torch.rand(1, 8, 8)
+    t[0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=rf"PlugKitChangeMap: input '{source}' holds \d+ NaN"):
+        cmap.execute(**{source: t})
+
+
 def test_change_map_feeds_differential_diffusion(env):
     """Gradient image -> PlugKitChangeMap -> PlugKitDifferentialDiffusion: the LATENT carries the map."""
     model, lat, _, _ = env
@@ -321,4 +385,8 @@ def test_change_map_feeds_differential_diffusion(env):
     image = cm.linear_gradient(128, 128).unsqueeze(-1).expand(1, 128, 128, 3)
     mask, _ = cmap.execute(image=image).result
     _, out = dd.execute(model=model, samples={"samples": lat}, change_map=mask).result
-    assert torch.allclose(out["noise_mask"][0, 0, 0], cm.linear_gradient(16, 16)[0, 0], atol=1e-5)
+    # luminance is Pillow's "L": 8-bit steps, so within half a step of the float ramp
+    assert torch.allclose(out["noise_mask"][0, 0, 0], cm.linear_gradient(16, 16)[0, 0], atol=0.5 / 255 + 1e-6)
+    mask709, _ = cmap.execute(image=image, channel="luminance_709").result
+    _, out709 = dd.execute(model=model, samples={"samples": lat}, change_map=mask709).result
+    assert torch.allclose(out709["noise_mask"][0, 0, 0], cm.linear_gradient(16, 16)[0, 0], atol=1e-5)

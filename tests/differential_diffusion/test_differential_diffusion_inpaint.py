@@ -32,14 +32,15 @@ def inpaint_conditioning(env, comfy_nodes, mask):
     return node.encode(pos, neg, pixels, vae, mask, noise_mask=True)
 
 
-def run_ours(env, comfy_nodes, change_map, *, convention="white=change", schedule="sigma", **kw):
+def run_ours(env, comfy_nodes, change_map, *, convention="white=change", schedule="sigma", exact_keep=False, **kw):
     from plugkit.nodes.differential_diffusion.nodes_differential_diffusion import PlugKitDifferentialDiffusion
     from tools.models import sample
 
     mask = change_map if convention == "white=change" else 1 - change_map  # InpaintModelConditioning: white = inpaint
     pos, neg, latent = inpaint_conditioning(env, comfy_nodes, mask)
     m, lat = PlugKitDifferentialDiffusion.execute(model=env[0], samples=latent, change_map=change_map,
-                                                  map_convention=convention, schedule=schedule).result
+                                                  map_convention=convention, schedule=schedule,
+                                                  exact_keep=exact_keep).result
     kw.setdefault("cfg", 1.0)
     return sample(m, lat["samples"], pos, neg, noise_mask=lat["noise_mask"], **kw), latent["samples"]
 
@@ -48,7 +49,7 @@ def test_inpaint_model_parity_with_core(inpaint_env, comfy_nodes):
     """Defaults equal core DifferentialDiffusion + InpaintModelConditioning (its noise mask = the map)."""
     from tools.models import sample
 
-    change = cm.linear_gradient(SIZE, SIZE)  # a ramp: area averaging and core's bilinear resize agree
+    change = cm.linear_gradient(SIZE, SIZE)  # at image size: our default bilinear resize is core's
     ours, _ = run_ours(inpaint_env, comfy_nodes, change, cfg=2.0)
     pos, neg, latent = inpaint_conditioning(inpaint_env, comfy_nodes, change)
     core_model = comfy_nodes.NODE_CLASS_MAPPINGS["DifferentialDiffusion"].execute(inpaint_env[0]).result[0]
@@ -60,11 +61,12 @@ def test_inpaint_model_parity_with_core(inpaint_env, comfy_nodes):
 
 @pytest.mark.parametrize("convention", ["white=change", "white=keep"])
 def test_inpaint_model_keeps_and_changes_by_region(inpaint_env, comfy_nodes, convention):
-    """Left half keep, right half change (step schedule): the kept half is exactly the input latent."""
+    """Left half keep, right half change (step schedule, exact_keep): the kept half is exactly the input latent."""
     change = torch.zeros(1, SIZE, SIZE)
     change[..., SIZE // 2:] = 1.0
     change_map = change if convention == "white=change" else 1 - change
-    out, latent = run_ours(inpaint_env, comfy_nodes, change_map, convention=convention, schedule="step")
+    out, latent = run_ours(inpaint_env, comfy_nodes, change_map, convention=convention, schedule="step",
+                           exact_keep=True)
     assert (out[..., :8] - latent[..., :8]).abs().max().item() <= TOL
     assert (out[..., 8:] - latent[..., 8:]).abs().mean().item() > 0.1
 
@@ -81,7 +83,7 @@ def test_inpaint_model_follows_a_gradient(inpaint_env, comfy_nodes, schedule):
 
 def test_inpaint_model_without_inpaint_conditioning(inpaint_env, comfy_nodes):
     """A plain VAE-encoded latent also works: ComfyUI then gives the model the (rounded) noise mask and
-    the unmasked latent as its extra inputs; "keep" stays exact with the step schedule."""
+    the unmasked latent as its extra inputs; "keep" stays exact with the step schedule and exact_keep."""
     from plugkit.nodes.differential_diffusion.nodes_differential_diffusion import PlugKitDifferentialDiffusion
     from tools.models import sample
 
@@ -90,7 +92,7 @@ def test_inpaint_model_without_inpaint_conditioning(inpaint_env, comfy_nodes):
     change = torch.zeros(1, SIZE, SIZE)
     change[..., SIZE // 2:] = 1.0
     m, lat = PlugKitDifferentialDiffusion.execute(model=model, samples=latent, change_map=change,
-                                                  schedule="step").result
+                                                  schedule="step", exact_keep=True).result
     out = sample(m, lat["samples"], pos, neg, noise_mask=lat["noise_mask"], cfg=1.0)
     assert (out[..., :8] - latent["samples"][..., :8]).abs().max().item() <= TOL
     assert (out[..., 8:] - latent["samples"][..., 8:]).abs().mean().item() > 0.1
