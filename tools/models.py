@@ -164,7 +164,16 @@ def build_tiny_dit(kind: str, seed: int = 0):
     import comfy.supported_models
 
     config_cls = {"flux": comfy.supported_models.Flux, "sd3": comfy.supported_models.SD3}[kind]
-    model_config = config_cls(copy.deepcopy(TINY_DIT_CONFIGS[kind]))
+    unet_config = copy.deepcopy(TINY_DIT_CONFIGS[kind])
+    if kind == "flux":
+        import dataclasses
+
+        import comfy.ldm.flux.model
+
+        # Required since ComfyUI 0.5 ([] is Flux.1's: no text position ids); older hosts lack the field.
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+            unet_config["txt_ids_dims"] = []
+    model_config = config_cls(unet_config)
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({}, device=torch.device("cpu"))
     random_init(model.diffusion_model, seed)

@@ -9,6 +9,7 @@ diffusers' ``down_block_additional_residuals`` (which changes the skips only, no
 """
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -28,12 +29,12 @@ class PluginHandle:
     """What a PLUGKIT_TASK_PLUGIN socket carries: the plugin module and the one ModelPatcher that
     lets ComfyUI's model management load and offload it."""
 
-    def __init__(self, plugin: TaskPlugin, source: str = ""):
+    def __init__(self, plugin: TaskPlugin, source: str = "", load_device=None):
         self.plugin = plugin.eval().requires_grad_(False)
         self.source = source
         self.patcher = comfy.model_patcher.ModelPatcher(
             self.plugin,
-            load_device=comfy.model_management.get_torch_device(),
+            load_device=load_device if load_device is not None else comfy.model_management.get_torch_device(),
             offload_device=comfy.model_management.unet_offload_device(),
         )
 
@@ -75,6 +76,15 @@ class TaskPluginControl(comfy.controlnet.ControlBase):
     def copy(self):
         c = TaskPluginControl(self.handle, self.cond_latent, self.strength)
         self.copy_to(c)
+        return c
+
+    def deepclone_multigpu(self, load_device, autoregister=False):
+        """ComfyUI's MultiGPU path (0.23+) runs one control per device: a copy whose plugin weights are
+        its own, loaded on ``load_device`` (as core ControlNet does)."""
+        c = self.copy()
+        c.handle = PluginHandle(copy.deepcopy(self.handle.plugin), self.handle.source, load_device=load_device)
+        if autoregister:  # ControlBase has the dict since 0.23; older hosts never call this
+            self.__dict__.setdefault("multigpu_clones", {})[load_device] = c
         return c
 
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
