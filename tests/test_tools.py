@@ -66,3 +66,25 @@ def test_comparison_sheet(tmp_path):
     assert sheet.width > 2 * 256
     px = [sheet.getpixel((x, 32 + 24 + 100)) for x in range(sheet.width)]
     assert (255, 0, 0) in px and (0, 0, 255) in px
+
+
+def test_shorten_caps_steps_and_sizes_and_scales_loaded_images():
+    from tools.workflow import shorten
+
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "a.png"}},
+        "2": {"class_type": "VAEEncode", "inputs": {"pixels": ["1", 0], "vae": ["9", 2]}},
+        "3": {"class_type": "KSampler", "inputs": {"steps": 50, "seed": 1, "latent_image": ["4", 0]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "5": {"class_type": "PlugKitPnPInvert", "inputs": {"steps": 50, "inversion_steps": 1000}},
+        "6": {"class_type": "X", "inputs": {"steps": 3, "mask": ["1", 1]}},
+    }
+    changes = shorten(prompt, steps=4, size=128)
+    assert prompt["3"]["inputs"]["steps"] == 4 and prompt["3"]["inputs"]["seed"] == 1
+    assert (prompt["4"]["inputs"]["width"], prompt["4"]["inputs"]["height"]) == (128, 128)
+    assert prompt["5"]["inputs"] == {"steps": 4, "inversion_steps": 4}
+    assert prompt["6"]["inputs"] == {"steps": 3, "mask": ["1", 1]}  # below the cap; the mask output untouched
+    scale = prompt["2"]["inputs"]["pixels"][0]
+    assert prompt[scale] == {"class_type": "ImageScale", "inputs": {
+        "image": ["1", 0], "upscale_method": "area", "width": 128, "height": 0, "crop": "disabled"}}
+    assert len(changes) == 6 and any("KSampler #3: steps 50 -> 4" == c for c in changes)
