@@ -88,3 +88,64 @@ def test_shorten_caps_steps_and_sizes_and_scales_loaded_images():
     assert prompt[scale] == {"class_type": "ImageScale", "inputs": {
         "image": ["1", 0], "upscale_method": "area", "width": 128, "height": 0, "crop": "disabled"}}
     assert len(changes) == 6 and any("KSampler #3: steps 50 -> 4" == c for c in changes)
+
+
+# --- the shipped workflows are templates a user runs -----------------------------------------------
+WORKFLOWS_DIR = __import__("pathlib").Path(__file__).resolve().parent.parent / "workflows"
+SHIPPED = sorted(WORKFLOWS_DIR.glob("*.json"))
+# File names that exist only in our tests and caches: never in a shipped workflow.
+FIXTURE_NAMES = ("plugkit_random", "tiny_", "random", "test_", "fixture")
+
+
+def test_every_workflow_is_listed_at_one_level_with_a_thumbnail():
+    from PIL import Image
+
+    assert len(SHIPPED) >= 6
+    nested = [p for p in WORKFLOWS_DIR.rglob("*.json") if p.parent != WORKFLOWS_DIR]
+    assert not nested, f"the template browser lists one folder level only: {nested}"
+    for wf in SHIPPED:
+        thumb = wf.with_suffix(".jpg")
+        assert thumb.is_file(), f"{wf.name} has no thumbnail {thumb.name}"
+        with Image.open(thumb) as im:
+            assert im.format == "JPEG" and im.width >= 256
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_workflow_is_a_users_template(path):
+    """Real file names, SD1.5 at 512 px (SDXL at 1024), official step counts, inputs that exist,
+    and every IMAGE a node makes is saved or previewed (an unconnected one never runs)."""
+    from PIL import Image
+
+    from tools.models import CHECKPOINT_NAME
+    from tools.workflows_diff_plugin import CLIP_VISION_NAME
+    from tools.workflows_freeu import SDXL_CHECKPOINT
+
+    ui = json.loads(path.read_text())
+    text = path.read_text().lower()
+    assert not [f for f in FIXTURE_NAMES if f in text], f"{path.name} names a test fixture"
+    sdxl = "sdxl" in path.stem
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    linked_outputs = {(l[1], l[2]) for l in ui["links"]}
+    for n in ui["nodes"]:
+        t, w = n["type"], n.get("widgets_values") or []
+        if t == "CheckpointLoaderSimple":
+            assert w[0] == (SDXL_CHECKPOINT if sdxl else CHECKPOINT_NAME), w
+        if t == "CLIPVisionLoader":
+            assert w[0] == CLIP_VISION_NAME, w
+        if t == "EmptyLatentImage":
+            assert w[:2] == ([1024, 1024] if sdxl else [512, 512]), w
+        if t == "LoadImage":
+            with Image.open(WORKFLOWS_DIR / "input" / w[0]) as im:
+                assert min(im.size) >= 512, (w[0], im.size)
+        if t == "PlugKitTaskPluginLoader":
+            assert w[0] in ("derain", "desnow", "dehaze", "deblur", "demoire", "lowlight", "highlight", "face"), w
+        for slot, out in enumerate(n.get("outputs", [])):
+            if out["type"] == "IMAGE" and (n["id"], slot) not in linked_outputs:
+                raise AssertionError(f"{path.name}: {t} #{n['id']} output {out['name']} is connected to "
+                                     "nothing, so ComfyUI never runs it")
+    steps = {n["type"]: n["widgets_values"] for n in nodes.values()}
+    if path.stem == "pnp_sd15":
+        assert steps["PlugKitPnPInvert"][0] == 50 and steps["KSamplerAdvanced"][3] == 50
+        assert "PreviewImage" in steps
+    if path.stem.startswith("diff_plugin"):
+        assert steps["PlugKitRunPluginChain"][:1] == [42] and 20 in steps["PlugKitRunPluginChain"]
