@@ -149,3 +149,90 @@ def test_workflow_is_a_users_template(path):
         assert "PreviewImage" in steps
     if path.stem.startswith("diff_plugin"):
         assert steps["PlugKitRunPluginChain"][:1] == [42] and 20 in steps["PlugKitRunPluginChain"]
+
+
+# --- registry-ready -------------------------------------------------------------------------------
+REPO_DIR = WORKFLOWS_DIR.parent
+FLAGGED = {  # what the Comfy Registry's scanner flags in shipped code (it hides such versions from Manager)
+    "environment read": r"\bos\.environ\b|\bos\.getenv\b|\bgetenv\(",
+    "subprocess": r"\bsubprocess\b|\bos\.system\(|\bos\.popen\(",
+    "eval/exec": r"(?<![.\w])eval\(|(?<![.\w])exec\(",
+    "runtime install": r"pip\.main|pip install|\bensurepip\b",
+}
+
+
+def shipped_files() -> list[str]:
+    """What a registry install contains: the tracked files minus .comfyignore's patterns."""
+    import fnmatch
+    import subprocess
+
+    patterns = [l.strip() for l in (REPO_DIR / ".comfyignore").read_text().splitlines()
+                if l.strip() and not l.startswith("#")]
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_DIR, check=True,
+                           capture_output=True, text=True).stdout.split()
+
+    def ignored(f: str) -> bool:
+        for p in patterns:
+            if p.endswith("/") and (f.startswith(p) or f"/{p}" in f"/{f}"):
+                return True
+            if fnmatch.fnmatch(f, p) or fnmatch.fnmatch(f.rsplit("/", 1)[-1], p):
+                return True
+        return False
+
+    return [f for f in files if not ignored(f) and (REPO_DIR / f).is_file()]
+
+
+def test_registry_package_contents():
+    files = shipped_files()
+    assert "__init__.py" in files and "pyproject.toml" in files and "LICENSE" in files
+    assert any(f.startswith("nodes/") for f in files) and any(f.startswith("locales/zh/") for f in files)
+    assert all(f"workflows/{p.name}" in files for p in SHIPPED)
+    assert not [f for f in files if f.split("/")[0] in ("tests", "tools", "bench", ".ci", ".github", ".cache")
+                or f == "Makefile"], "development files would be uploaded to the registry"
+
+
+SHIPPED_CODE = [f for f in shipped_files() if f.endswith((".py", ".js"))]
+# cli.py reads COMFYUI_PATH: the "dpsafe" helper turns it into an argument. Strict: this marker must
+# go when that lands (an XPASS fails the run).
+AWAITING = {"cli.py": "dpsafe removes cli.py's environment read (COMFYUI_PATH as an argument)"}
+
+
+@pytest.mark.parametrize("rel", [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=AWAITING[f]))
+                                 if f in AWAITING else f for f in SHIPPED_CODE])
+def test_shipped_code_has_nothing_the_registry_scan_flags(rel):
+    import re
+
+    text = (REPO_DIR / rel).read_text(encoding="utf-8")
+    hits = [f"{what}: line {text[:m.start()].count(chr(10)) + 1}: {m.group(0)!r}"
+            for what, rx in FLAGGED.items() for m in re.finditer(rx, text)]
+    assert not hits, f"{rel}: " + "; ".join(hits)
+
+
+def test_publish_workflow_and_project_metadata():
+    import tomllib
+
+    import yaml
+
+    wf = yaml.safe_load((REPO_DIR / ".github" / "workflows" / "publish.yml").read_text())
+    steps = [s for job in wf["jobs"].values() for s in job["steps"]]
+    publish = next(s for s in steps if str(s.get("uses", "")).startswith("Comfy-Org/publish-node-action@"))
+    assert publish["with"]["personal_access_token"] == "${{ secrets.REGISTRY_ACCESS_TOKEN }}"
+    on = wf.get("on", wf.get(True))  # YAML 1.1 reads the key `on` as True
+    assert "workflow_dispatch" in on and on["push"]["paths"] == ["pyproject.toml"]
+    meta = tomllib.loads((REPO_DIR / "pyproject.toml").read_text())
+    assert meta["project"]["name"] == "plugkit"  # the registry id: installs land in custom_nodes/plugkit
+    assert meta["tool"]["comfy"]["PublisherId"] and meta["project"]["version"]
+
+
+def test_docs_name_both_install_folders():
+    """A doc that names the pack's folder names both: custom_nodes/plugkit (registry) and
+    custom_nodes/ComfyUI-PlugKit (git), or tells the reader to use their own folder name."""
+    docs = [REPO_DIR / "README.md", *(REPO_DIR / "docs").glob("*.md"), *(REPO_DIR / "js" / "docs").rglob("*.md")]
+    wrong = []
+    for doc in docs:
+        text = doc.read_text(encoding="utf-8")
+        if "custom_nodes/ComfyUI-PlugKit" in text or "custom_nodes/plugkit" in text:
+            both = "custom_nodes/ComfyUI-PlugKit" in text and "custom_nodes/plugkit" in text
+            if not both and "folder name" not in text and "文件夹名" not in text:
+                wrong.append(str(doc.relative_to(REPO_DIR)))
+    assert not wrong, f"these docs name only one install folder: {wrong}"
