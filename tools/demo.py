@@ -56,8 +56,9 @@ def _saved_images(server: ComfyServer, outputs: dict) -> list[Path]:
 
 def _cell(path: Path, label: str) -> Image.Image:
     img = Image.open(path).convert("RGB")
-    scale = max(1, SHEET_CELL // max(img.size))
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    scale = SHEET_CELL / max(img.size)  # every cell the same size: shortened outputs beside 512 px inputs
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    img = img.resize(size, Image.NEAREST if scale >= 1 else Image.LANCZOS)
     cell = Image.new("RGB", (img.width, img.height + 24), "white")
     cell.paste(img, (0, 24))
     ImageDraw.Draw(cell).text((6, 6), label, fill="black")
@@ -148,6 +149,14 @@ def main() -> int:
             if short:
                 for change in shorten(prompt):
                     log.info("  shortened: %s", change)
+            if random_weights:
+                from .models import CHECKPOINT_NAME
+
+                for node in prompt.values():
+                    name = node["inputs"].get("ckpt_name")
+                    if isinstance(name, str) and name != CHECKPOINT_NAME:
+                        log.info("  stand-in: %s is the random SD1.5 checkpoint here (no random checkpoint "
+                                 "of that family is generated)", name)
             try:
                 entry = server.run(prompt)
             except Exception as exc:  # report every workflow, then fail at the end

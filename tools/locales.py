@@ -100,7 +100,8 @@ def build(infos: list[dict]) -> tuple[dict, dict]:
 
 
 def _cell(v) -> str:
-    return str(v).replace("\n", " ").replace("|", "\\|")
+    """Plain text for a markdown line: one line, literal * and |."""
+    return str(v).replace("\n", " ").replace("*", "\\*").replace("|", "\\|")
 
 
 def help_page_text(info: dict) -> str:
@@ -109,20 +110,20 @@ def help_page_text(info: dict) -> str:
 
     nid = info["name"]
     entry = locales_zh.NODES[nid]
-    lines = [f"# {entry['display_name']}", "", entry["description"], "", "## 输入", "",
-             "| 输入 | 名称 | 类型 | 默认值 | 说明 |", "|---|---|---|---|---|"]
+    # Lists, not tables: the help panel is a narrow sidebar.
+    lines = [f"# {entry['display_name']}", "", entry["description"], "", "## 输入", ""]
     for section in ("required", "optional"):
         for name, spec in (info["input"].get(section) or {}).items():
             typ = spec[0] if isinstance(spec[0], str) else "COMBO"
             opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
             default = opts.get("default")
-            shown = "" if default is None else f"`{default}`" if default != "" else "`''`"
-            opt = "（可选）" if section == "optional" else ""
+            shown = "" if default is None else f"，默认 `{default}`" if default != "" else "，默认为空"
+            opt = "，可选" if section == "optional" else ""
             zh_name, tip = entry["inputs"][name]
-            lines.append(f"| `{name}`{opt} | {_cell(zh_name)} | {typ} | {_cell(shown)} | {_cell(tip)} |")
-    lines += ["", "## 输出", "", "| 输出 | 名称 | 类型 | 说明 |", "|---|---|---|---|"]
+            lines.append(f"- **`{name}`**（{_cell(zh_name)}，{typ}{shown}{opt}）：{_cell(tip)}")
+    lines += ["", "## 输出", ""]
     for (typ, oname), (zh_name, tip) in zip(zip(info["output"], info["output_name"]), entry["outputs"]):
-        lines.append(f"| `{oname}` | {_cell(zh_name)} | {typ} | {_cell(tip)} |")
+        lines.append(f"- **`{oname}`**（{_cell(zh_name)}，{typ}）：{_cell(tip)}")
     notes = locales_zh.NOTES.get(nid, [])
     if notes:
         lines += ["", "## 说明", ""] + [f"- {n}" for n in notes]
