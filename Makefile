@@ -1,5 +1,8 @@
 # PlugKit's commands. Each sets up what it needs first (venv, torch, ComfyUI host); see README.
-PY := .venv/bin/python
+# The venv: .venv, or PLUGKIT_VENV (e.g. one shared by several clones); tools/setup.sh reads the same.
+PLUGKIT_VENV ?= .venv
+export PLUGKIT_VENV
+PY := $(PLUGKIT_VENV)/bin/python
 
 .PHONY: setup demo test bench clean
 setup:

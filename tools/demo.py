@@ -5,7 +5,12 @@ installed, queues each workflow in ``workflows/``, copies the outputs to ``out/<
 writes ``out/<workflow>_comparison.png``: the technique off (a branch without PlugKit nodes, or the
 input image) beside on. Checkpoints: ``PLUGKIT_CHECKPOINT`` (a .safetensors file; every workflow's
 checkpoint is replaced by it), else the models in ``COMFYUI_PATH``, else a random-weight SD1.5
-checkpoint, whose pictures are noise.
+checkpoint (generated once into the cache), whose pictures are noise.
+
+With CUDA or a real checkpoint the workflows run as shipped (512 px, the techniques' official step
+counts). On a CPU with the random checkpoint each one is shortened as it is queued (``tools.workflow.
+shorten``: at most 4 steps, 128 px) and the demo says so; ``PLUGKIT_DEMO_FULL=1`` runs them as shipped
+anyway. The shipped files are never changed.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from .host import REPO, cache_dir
 from .server import ComfyServer
-from .workflow import ui_to_api
+from .workflow import CPU_SIZE, CPU_STEPS, shorten, ui_to_api
 
 log = logging.getLogger("plugkit.demo")
 
@@ -51,8 +56,9 @@ def _saved_images(server: ComfyServer, outputs: dict) -> list[Path]:
 
 def _cell(path: Path, label: str) -> Image.Image:
     img = Image.open(path).convert("RGB")
-    scale = max(1, SHEET_CELL // max(img.size))
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    scale = SHEET_CELL / max(img.size)  # every cell the same size: shortened outputs beside 512 px inputs
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    img = img.resize(size, Image.NEAREST if scale >= 1 else Image.LANCZOS)
     cell = Image.new("RGB", (img.width, img.height + 24), "white")
     cell.paste(img, (0, 24))
     ImageDraw.Draw(cell).text((6, 6), label, fill="black")
@@ -98,6 +104,15 @@ def _checkpoints() -> tuple[dict[str, Path], list[str], str | None]:
     return {CHECKPOINT_NAME: ensure_random_sd15_checkpoint()}, [], None
 
 
+def _shortened_run(random_weights: bool) -> bool:
+    """Shorten the workflows: only on a CPU with random weights, unless PLUGKIT_DEMO_FULL=1."""
+    import torch
+
+    if not random_weights or torch.cuda.is_available():
+        return False
+    return os.environ.get("PLUGKIT_DEMO_FULL", "") not in ("1", "true", "yes")
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from .test_models import prepare_model_files
@@ -107,7 +122,16 @@ def main() -> int:
         log.error("No workflows in %s", REPO / "workflows")
         return 1
     checkpoints, extra_args, override = _checkpoints()
-    model_files = {} if override or extra_args else prepare_model_files()
+    random_weights = not override and not extra_args
+    model_files = prepare_model_files() if random_weights else {}
+    short = _shortened_run(random_weights)
+    if short:
+        log.warning("CPU with random weights: every workflow is SHORTENED as it is queued (at most %d "
+                    "sampling steps, %d px images and latents) so the demo finishes in minutes. The "
+                    "files in workflows/ keep their settings (512 px, official step counts); with CUDA, "
+                    "a real checkpoint or PLUGKIT_DEMO_FULL=1 they run as shipped.", CPU_STEPS, CPU_SIZE)
+    else:
+        log.info("Running the workflows as shipped.")
     OUT.mkdir(exist_ok=True)
     base = cache_dir() / "demo_base"
     shutil.rmtree(base / "output", ignore_errors=True)
@@ -122,6 +146,17 @@ def main() -> int:
                 for node in prompt.values():
                     if "ckpt_name" in node["inputs"]:
                         node["inputs"]["ckpt_name"] = override
+            if short:
+                for change in shorten(prompt):
+                    log.info("  shortened: %s", change)
+            if random_weights:
+                from .models import CHECKPOINT_NAME
+
+                for node in prompt.values():
+                    name = node["inputs"].get("ckpt_name")
+                    if isinstance(name, str) and name != CHECKPOINT_NAME:
+                        log.info("  stand-in: %s is the random SD1.5 checkpoint here (no random checkpoint "
+                                 "of that family is generated)", name)
             try:
                 entry = server.run(prompt)
             except Exception as exc:  # report every workflow, then fail at the end
@@ -149,7 +184,7 @@ def main() -> int:
                                          f"{name}: technique off vs on")
                 log.info("  -> %s", sheet.relative_to(REPO))
     log.info("Outputs and comparison sheets are in %s", OUT)
-    if not override and not extra_args:
+    if random_weights:
         log.warning("Reminder: these pictures come from random weights, so they are noise.")
     if failures:
         log.error("Failed workflows: %s", ", ".join(failures))

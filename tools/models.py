@@ -300,6 +300,11 @@ def ensure_random_sd15_checkpoint(directory: Path | None = None) -> Path:
     if path.is_file():
         return path
     log.info("Generating the random-weight SD1.5 checkpoint at %s (once) ...", path)
+    # The ComfyUI classes that build it must be importable in this process (a fresh `make demo` has
+    # not imported ComfyUI yet; tests already have): put the host on sys.path, CPU when no CUDA.
+    from .host import setup_in_process
+
+    setup_in_process()
     sd = _full_sd15_state_dict(CHECKPOINT_SEED)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     safetensors.torch.save_file(sd, str(tmp), metadata={"plugkit": "random weights, not a real model"})

@@ -191,3 +191,47 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
 
 def load(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# --- shortened runs (CPU with random weights) ------------------------------------------------------
+CPU_STEPS = 4  # sampling steps of a shortened run
+CPU_SIZE = 128  # pixels: the width of generated latents and of every loaded image in a shortened run
+STEP_INPUTS = ("steps", "inversion_steps")  # capped to CPU_STEPS (same cap keeps sampler and inversion equal)
+SIZE_NODES = {"EmptyLatentImage": ("width", "height")}
+
+
+def shorten(prompt: dict, steps: int = CPU_STEPS, size: int = CPU_SIZE) -> list[str]:
+    """Shorten an API prompt in place for a CPU run with random weights; return what changed, in words.
+
+    Caps every ``steps``/``inversion_steps`` input at ``steps``, every generated latent at ``size``
+    pixels, and scales every loaded image to ``size`` pixels wide (core ``ImageScale``, aspect kept)
+    before anything uses it. The shipped workflow files are not touched: they keep the user's settings.
+    """
+    changes = []
+    for nid, node in list(prompt.items()):
+        ins = node["inputs"]
+        for key in STEP_INPUTS:
+            v = ins.get(key)
+            if isinstance(v, int) and not isinstance(v, bool) and v > steps:
+                ins[key] = steps
+                changes.append(f"{node['class_type']} #{nid}: {key} {v} -> {steps}")
+        for key in SIZE_NODES.get(node["class_type"], ()):
+            v = ins.get(key)
+            if isinstance(v, int) and v > size:
+                ins[key] = size
+                changes.append(f"{node['class_type']} #{nid}: {key} {v} -> {size}")
+    next_id = max((int(k) for k in prompt if k.isdigit()), default=0) + 1
+    for nid, node in list(prompt.items()):
+        if node["class_type"] != "LoadImage":
+            continue
+        scale_id = str(next_id)
+        next_id += 1
+        for other in prompt.values():
+            for key, v in other["inputs"].items():
+                if isinstance(v, list) and len(v) == 2 and v[0] == nid and v[1] == 0:
+                    other["inputs"][key] = [scale_id, 0]
+        prompt[scale_id] = {"class_type": "ImageScale",
+                            "inputs": {"image": [nid, 0], "upscale_method": "area", "width": size,
+                                       "height": 0, "crop": "disabled"}}
+        changes.append(f"LoadImage #{nid} ({node['inputs'].get('image')}): scaled to {size} px wide")
+    return changes

@@ -2,7 +2,8 @@
 
 ``python -m tools.workflows_diff_plugin``. Writes
 - ``workflows/input/diffplugin_rain.png`` and ``diffplugin_rain_haze.png``: small degraded pictures
-  (drawn here, 64x64: a house under rain streaks, the second also hazy);
+  (drawn here, 512x512, the size the released plugins expect: a house under rain streaks, the second
+  also hazy);
 - ``workflows/diff_plugin_derain.json`` (UI format): CheckpointLoaderSimple, CLIPVisionLoader,
   PlugKitTaskPluginLoader (derain), LoadImage -> PlugKitApplyTaskPlugin -> KSampler (cfg 1, UniPC,
   20 steps, close to the official inference) -> VAEDecode -> SaveImage, and beside it
@@ -28,16 +29,19 @@ from .host import REPO, cache_dir
 
 log = logging.getLogger("plugkit.workflows.diff_plugin")
 
-SIZE = 64
+SIZE = 512
 RAIN = "diffplugin_rain.png"
 RAIN_HAZE = "diffplugin_rain_haze.png"
 DERAIN_WORKFLOW = "diff_plugin_derain.json"
 SELECTOR_WORKFLOW = "diff_plugin_selector.json"
-CLIP_VISION_NAME = "plugkit_random_clip_vit_l14.safetensors"
+# The file name users have for CLIP ViT-L/14 vision (openai/clip-vit-large-patch14's model.safetensors,
+# as ComfyUI-Manager saves it into models/clip_vision/); the random stand-in is linked under it.
+CLIP_VISION_NAME = "clip-vit-large-patch14.safetensors"
+RANDOM_CLIP_VISION_FILE = "plugkit_random_clip_vit_l14.safetensors"  # cache file name only
 TASKS = ("derain", "desnow", "dehaze")
 SELECTOR = "plugin_selector/PromptTunner.pt"
-STEPS = 20  # the official inference steps (UniPC); 64x64 px keeps this fast on CPU
-CHAIN_STEPS = 6  # the chain's first plugin (official 20): fewer, as the end-to-end tests run on CPU
+STEPS = 20  # the official inference steps (UniPC); tests and the demo shorten the run on a CPU
+CHAIN_STEPS = 20  # the chain's first plugin (official 20; each later one 3)
 MODELS_VERSION = "1"
 
 # The released SCB config (pre-trained/derain/scb/config.json, diffusers 0.17.1).
@@ -75,11 +79,12 @@ def add_rain(img: Image.Image, seed: int = 0) -> Image.Image:
     layer = Image.new("L", img.size, 0)
     d = ImageDraw.Draw(layer)
     w, h = img.size
-    for _ in range(w * h // 40):
-        x, y = rng.uniform(-10, w), rng.uniform(-10, h)
-        length = rng.uniform(4, 9) * w / 64
-        d.line([(x, y), (x + length * 0.35, y + length)], fill=rng.randint(120, 220), width=1)
-    layer = layer.filter(ImageFilter.GaussianBlur(0.4))
+    s = w / 64  # drawn at 64 px originally: same streak density and width at every size
+    for _ in range(int(w * h / 40 / (s * s))):
+        x, y = rng.uniform(-10 * s, w), rng.uniform(-10 * s, h)
+        length = rng.uniform(4, 9) * s
+        d.line([(x, y), (x + length * 0.35, y + length)], fill=rng.randint(120, 220), width=max(1, round(s)))
+    layer = layer.filter(ImageFilter.GaussianBlur(0.4 * s))
     return Image.composite(Image.new("RGB", img.size, (235, 235, 245)), img, layer)
 
 
@@ -206,7 +211,7 @@ def prepare_models(directory: Path | None = None) -> dict[str, Path]:
     ``ComfyServer(model_files=...)``."""
     directory = Path(directory or cache_dir() / "models" / "diff_plugin_random")
     stamp = directory / ".version"
-    clip = directory / "clip_vision" / CLIP_VISION_NAME
+    clip = directory / "clip_vision" / RANDOM_CLIP_VISION_FILE
     plugins = {task: directory / "diff_plugin" / task for task in TASKS}
     selector = directory / "diff_plugin" / SELECTOR
     ready = stamp.is_file() and stamp.read_text() == MODELS_VERSION and clip.is_file() and selector.is_file() \
@@ -271,7 +276,7 @@ def build_selector(info: dict):
     sel = wf.add("PlugKitPluginSelector", clip=ckpt[1], clip_vision=cv[0], image=img[0],
                  instruction="remove the rain and the haze", selector_name=SELECTOR, rule="official (score > 0)",
                  **{f"plugin_{i + 1}": loader[0] for i, loader in enumerate(loaders)})
-    chain = wf.add("PlugKitRunPluginChain", title=f"Run Plugin Chain (official sampler; first plugin {CHAIN_STEPS} steps here, 20 officially)",
+    chain = wf.add("PlugKitRunPluginChain", title="Run Plugin Chain (official sampler: first plugin 20 steps, later ones 3)",
                    model=ckpt[0], plugins=sel[0], clip_vision=cv[0], vae=ckpt[2],
                    image=img[0], seed=42, steps=CHAIN_STEPS, later_steps=3, sampler_name="official",
                    scheduler="normal", start="official (per task)", resize=TEST_PICTURE_RESIZE)

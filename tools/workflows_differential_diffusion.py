@@ -1,11 +1,12 @@
 """Writes the Differential Diffusion workflow, its input images and the docs picture.
 
 ``python -m tools.workflows_differential_diffusion``. Writes
-- ``workflows/input/plugkit_dd_source.png``: a small test picture (drawn here, 128x128);
-- ``workflows/input/plugkit_dd_gradient.png``: a left-to-right black-to-white gradient (128x128);
+- ``workflows/input/plugkit_dd_source.png``: a test picture (drawn here, 512x512);
+- ``workflows/input/plugkit_dd_gradient.png``: a left-to-right black-to-white gradient (512x512);
 - ``workflows/differential_diffusion_sd15.json`` (UI format): LoadImage -> VAEEncode; gradient ->
   PlugKitChangeMap; PlugKitDifferentialDiffusion; KSampler; VAEDecode; SaveImage (plus the source
-  saved beside it, the "off" picture of the demo's comparison sheet);
+  saved beside it, the "off" picture of the demo's comparison sheet). The official settings
+  (SD2/run.py): 100 steps, guidance 7, its negative prompt, the official step rule;
 - ``docs/differential_diffusion_conventions.png``: the two map conventions side by side.
 
 The workflow builder needs the server's /object_info, so this starts the real server once.
@@ -22,7 +23,7 @@ from .host import REPO
 
 log = logging.getLogger("plugkit.workflows.differential_diffusion")
 
-SIZE = 128
+SIZE = 512
 SOURCE = "plugkit_dd_source.png"
 GRADIENT = "plugkit_dd_gradient.png"
 WORKFLOW = "differential_diffusion_sd15.json"
@@ -88,13 +89,16 @@ def build(info: dict):
     grad = wf.add("LoadImage", title="Gradient (left keep, right change)", image=GRADIENT)
     enc = wf.add("VAEEncode", pixels=src[0], vae=ckpt[2])
     cmap = wf.add("PlugKitChangeMap", image=grad[0], channel="luminance", blur_radius=0.0, levels=0)
+    wf.add("PreviewImage", title="Change map preview", images=cmap[1])
     dd = wf.add("PlugKitDifferentialDiffusion", model=ckpt[0], samples=enc[0], change_map=cmap[0],
                 strength=1.0, map_convention="white=change", schedule="step")
     pos = wf.add("CLIPTextEncode", title="Positive", clip=ckpt[1],
                  text="a watercolour painting of a house on a hill, sunny day")
-    neg = wf.add("CLIPTextEncode", title="Negative", clip=ckpt[1], text="blurry, low quality")
-    ks = wf.add("KSampler", model=dd[0], positive=pos[0], negative=neg[0], latent_image=dd[1],
-                seed=42, steps=8, cfg=6.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    neg = wf.add("CLIPTextEncode", title="Negative (official)", clip=ckpt[1],
+                 text="blurry, shadow polaroid photo, scary angry pose")
+    ks = wf.add("KSampler", title="KSampler (official: 100 steps, cfg 7)", model=dd[0], positive=pos[0],
+                negative=neg[0], latent_image=dd[1], seed=42, steps=100, cfg=7.0, sampler_name="euler",
+                scheduler="normal", denoise=1.0)
     dec = wf.add("VAEDecode", samples=ks[0], vae=ckpt[2])
     wf.add("SaveImage", title="Differential Diffusion result", images=dec[0],
            filename_prefix="plugkit_differential_diffusion")

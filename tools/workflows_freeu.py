@@ -1,11 +1,12 @@
 """Write FreeU's workflows: ``python -m tools.workflows_freeu``.
 
 - ``workflows/freeu_sd15.json``: checkpoint -> PlugKitFreeU -> KSampler -> decode -> save, beside
-  the same sampler on the plain model (no FreeU node at all), so one run shows off vs on. Small
-  (128x128, 4 steps) so the end-to-end tier runs it on 2 CPU cores with the random SD1.5 checkpoint.
-- ``workflows/sdxl/freeu_sdxl.json``: the same graph for SDXL base at 1024x1024 with the preset
-  picked by family. It lives in a sub-folder because the end-to-end tier cannot run it (no SDXL
-  checkpoint can be generated and sampled on that tier); users load it from the frontend.
+  the same sampler on the plain model (no FreeU node at all), so one run shows off vs on. The
+  user's settings: SD1.5 at 512x512, 50 steps, cfg 7.5 (what the official code runs: diffusers'
+  defaults), the official SD1.5 factors. Tests and the demo shorten it on the CPU as they queue it.
+- ``workflows/freeu_sdxl.json``: the same graph for SDXL base at 1024x1024 (diffusers' SDXL
+  defaults: 50 steps, cfg 5) with the preset picked by family. On the test tier the random SD1.5
+  checkpoint stands in under the SDXL file name (no SDXL-sized random checkpoint fits there).
 
 The widget layout comes from a real server's /object_info, so the files match what the frontend saves.
 """
@@ -45,17 +46,17 @@ def off_vs_on(info: dict, *, ckpt: str, size: int, steps: int, cfg: float, prefi
 
 
 def build(info: dict) -> dict[str, Workflow]:
-    sd15 = off_vs_on(info, ckpt=CHECKPOINT_NAME, size=128, steps=4, cfg=6.0, prefix="freeu_sd15",
+    sd15 = off_vs_on(info, ckpt=CHECKPOINT_NAME, size=512, steps=50, cfg=7.5, prefix="freeu_sd15",
                      prompt="a cozy cabin on a snowy mountain, detailed illustration",
                      negative="blurry, low quality",
                      b1=1.5, b2=1.6, s1=0.9, s2=0.2, version="v2", start_percent=0.0, end_percent=1.0,
                      preset="SD1.5", threshold=1, threshold_mode="fixed", apply_to="both")
-    sdxl = off_vs_on(info, ckpt=SDXL_CHECKPOINT, size=1024, steps=25, cfg=7.0, prefix="freeu_sdxl",
+    sdxl = off_vs_on(info, ckpt=SDXL_CHECKPOINT, size=1024, steps=50, cfg=5.0, prefix="freeu_sdxl",
                      prompt="a cozy cabin on a snowy mountain, detailed illustration",
                      negative="blurry, low quality",
                      b1=1.3, b2=1.4, s1=0.9, s2=0.2, version="v2", start_percent=0.0, end_percent=1.0,
                      preset="auto", threshold=1, threshold_mode="resolution-aware", apply_to="both")
-    return {"freeu_sd15.json": sd15, "sdxl/freeu_sdxl.json": sdxl}
+    return {"freeu_sd15.json": sd15, "freeu_sdxl.json": sdxl}
 
 
 def write(info: dict, directory: Path = REPO / "workflows") -> list[Path]:

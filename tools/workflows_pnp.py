@@ -1,10 +1,13 @@
 """Writes the Plug-and-Play workflow and its input image.
 
 ``python -m tools.workflows_pnp``. Writes
-- ``workflows/input/pnp_source.png``: a small test picture (drawn here, 128x128);
+- ``workflows/input/pnp_source.png``: a test picture (drawn here, 512x512);
 - ``workflows/pnp_sd15.json`` (UI format): LoadImage -> VAEEncode -> PlugKitPnPInvert (empty
-  prompt for the inversion and the source branch) -> PlugKitPnPInject -> KSamplerAdvanced (ddim, ddim_uniform, add_noise disabled) with a
-  target and a negative prompt -> VAEDecode -> SaveImage, plus a PlugKitFeatureMap preview.
+  prompt for the inversion and the source branch) -> PlugKitPnPInject -> KSamplerAdvanced (ddim, ddim_uniform,
+  add_noise disabled) with a target and a negative prompt -> VAEDecode -> SaveImage, plus a
+  PlugKitFeatureMap -> PreviewImage. The official settings: 50 DDIM steps, cfg 7.5, the official
+  negative prompt, injection 0.8 / 0.5, 1000 inversion evaluations (the official 999, rounded to 20
+  per sampling step), the empty prompt for the source branch.
 
 The workflow builder needs the server's /object_info, so this starts the real server once.
 """
@@ -18,10 +21,11 @@ from .host import REPO
 
 log = logging.getLogger("plugkit.workflows.pnp")
 
-SIZE = 128
+SIZE = 512
 SOURCE = "pnp_source.png"
 WORKFLOW = "pnp_sd15.json"
-STEPS = 4  # few steps: the workflow runs on 2 CPU cores in the end-to-end tests (the official code uses 50)
+STEPS = 50  # the official sampling steps (tests and the demo shorten the run on a CPU)
+INVERSION_STEPS = 1000  # the official 999 inversion steps, as a whole number (20) per sampling step
 
 
 def source_image(size: int = SIZE) -> Image.Image:
@@ -49,7 +53,7 @@ def build(info: dict):
     enc = wf.add("VAEEncode", pixels=src[0], vae=ckpt[2])
     empty = wf.add("CLIPTextEncode", title="Inversion prompt (empty, as the official code)", clip=ckpt[1], text="")
     inv = wf.add("PlugKitPnPInvert", model=ckpt[0], samples=enc[0], conditioning=empty[0], steps=STEPS,
-                 inversion_steps=STEPS, scheduler="ddim_uniform", inversion_resolution="inversion_steps",
+                 inversion_steps=INVERSION_STEPS, scheduler="ddim_uniform", inversion_resolution="inversion_steps",
                  source_prompt=empty[0])  # the source branch's prompt: empty, as the official code
     inj = wf.add("PlugKitPnPInject", model=ckpt[0], pnp_source=inv[0], feature_injection=0.8,
                  attention_injection=0.5, feature_blocks="", attention_blocks="")
@@ -63,8 +67,9 @@ def build(info: dict):
                 return_with_leftover_noise="disable")
     dec = wf.add("VAEDecode", samples=ks[0], vae=ckpt[2])
     wf.add("SaveImage", title="Plug-and-Play result", images=dec[0], filename_prefix="plugkit_pnp")
-    wf.add("PlugKitFeatureMap", title="Source features (decoder block 4, first step)", model=ckpt[0],
-           pnp_source=inv[0], block=-1, step=0, kind="features")
+    fmap = wf.add("PlugKitFeatureMap", title="Source features (decoder block 4, first step)", model=ckpt[0],
+                  pnp_source=inv[0], block=-1, step=0, kind="features")
+    wf.add("PreviewImage", title="Feature map preview", images=fmap[0])
     return wf
 
 

@@ -2,10 +2,15 @@
 
 Steps (one screenshot each in out/browser/): 1. the page loads, the pack's scripts load and log no
 error; 2. the node library search "PlugKit" lists every PlugKit node; 3. every workflow in
-workflows/ opens (Workflow > Open) with no missing-node/model dialog, runs from the Run button,
-the queue shows it finished with its output image; 4. every PlugKit node's help page renders its
-js/docs/<NodeId>.md; 5. the template browser lists the workflows under the pack. A deliberately
-broken workflow proves the missing-node check fails.
+workflows/ opens (Workflow > Open) with no missing-node/model dialog (the server has every model file
+under the name the workflow uses: random weights), runs from the Run button, the queue shows it
+finished with its output image and every image output node (SaveImage, PreviewImage: the PnP
+feature map) shows its picture; on a CPU the page shortens the opened graph first, as a user would
+edit widgets (at most 4 steps, 128 px, an ImageScale after each Load Image), leaving the file as
+shipped; 4. every PlugKit node's help page renders its js/docs/<NodeId>.md; 5. the template browser
+lists every workflow under the pack, each with its thumbnail; 6. with the interface switched to
+Chinese (Comfy.Locale = zh) the node library shows our Chinese node names and the help page
+js/docs/<NodeId>/zh.md. A deliberately broken workflow proves the missing-node check fails.
 """
 from __future__ import annotations
 
@@ -21,6 +26,44 @@ PACK = "ComfyUI-PlugKit"  # the folder name tools.server links the pack under
 
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 RUN_TIMEOUT = 3600  # seconds per workflow: 2 shared CPU cores, full-size SD1.5; never a pass/fail criterion
+
+# The page-side twin of tools.workflow.shorten: edits the opened graph's widgets as a user would.
+SHORTEN_JS = """
+const [STEPS, SIZE] = args; const changes = []; const g = app.graph;
+const link = id => (typeof g.links.get === 'function' ? g.links.get(id) : g.links[id]);
+for (const n of [...g.nodes]) {
+  for (const w of n.widgets ?? []) {
+    const cap = ['steps', 'inversion_steps'].includes(w.name) ? STEPS
+      : (n.type === 'EmptyLatentImage' && ['width', 'height'].includes(w.name)) ? SIZE : null;
+    if (cap !== null && typeof w.value === 'number' && w.value > cap) {
+      changes.push(`${n.type} #${n.id}: ${w.name} ${w.value} -> ${cap}`); w.value = cap;
+    }
+  }
+  if (n.type === 'LoadImage') {
+    const targets = (n.outputs[0].links ?? []).map(link).filter(Boolean).map(l => [l.target_id, l.target_slot]);
+    const sc = LiteGraph.createNode('ImageScale'); g.add(sc);
+    sc.pos = [n.pos[0], n.pos[1] + 340];
+    const set = (name, v) => { sc.widgets.find(w => w.name === name).value = v; };
+    set('upscale_method', 'area'); set('width', SIZE); set('height', 0); set('crop', 'disabled');
+    n.connect(0, sc, 0);
+    for (const [tid, slot] of targets) sc.connect(0, g.getNodeById(tid), slot);
+    changes.push(`LoadImage #${n.id}: scaled to ${SIZE} px wide`);
+  }
+}
+g.setDirtyCanvas(true, true);
+return changes;
+"""
+
+
+def shorten_in_page(page) -> list[str]:
+    """On a CPU (random weights): shorten the open graph in the page; with CUDA run it as shipped."""
+    import torch
+
+    from tools.workflow import CPU_SIZE, CPU_STEPS
+
+    if torch.cuda.is_available():
+        return []
+    return page.ajs(SHORTEN_JS, CPU_STEPS, CPU_SIZE)
 
 
 def plugkit_nodes(server) -> dict[str, dict]:
@@ -129,6 +172,9 @@ def run_from_page(page, server, path: Path, name: str) -> dict:
     page.check_workflow_loaded(ui, name)
     page.fit_view()
     page.shot(f"03_{name}_opened")
+    changes = shorten_in_page(page)
+    if changes:
+        print(f"{name}: shortened in the page for the CPU: " + "; ".join(changes))
 
     def queue_ids():
         q = _get(server, "/queue") or {}
@@ -178,6 +224,9 @@ def run_from_page(page, server, path: Path, name: str) -> dict:
                 "return app.graph.getNodeById(Number(arguments[0]))"
                 ".widgets?.find(w => w.name === 'plugkit_text')?.value", node_id), timeout=30)
             assert got == want
+    image_nodes = {str(n["id"]) for n in ui["nodes"] if n["type"] in ("SaveImage", "PreviewImage")}
+    shown_nodes = {nid for nid, out in entry["outputs"].items() if out.get("images")}
+    assert image_nodes <= shown_nodes, f"{name}: image output nodes {sorted(image_nodes - shown_nodes)} showed nothing"
     page.fit_view()
     page.shot(f"03_{name}_finished")
     errors = page.script_errors()
@@ -189,7 +238,19 @@ def run_from_page(page, server, path: Path, name: str) -> dict:
 def test_workflow_opens_and_runs_from_page(page, server, path, tmp_path):
     if path is None:  # workflows/ is still empty: exercise the same path with core nodes
         path = core_workflow(server, tmp_path / "core_graph.json")
-    run_from_page(page, server, path, _slug(path.stem))
+    entry = run_from_page(page, server, path, _slug(path.stem))
+    ui = json.loads(path.read_text())
+    types = {n["id"]: n["type"] for n in ui["nodes"]}
+    previews = [str(l[3]) for l in ui["links"] if types.get(l[1]) == "PlugKitFeatureMap"
+                and types.get(l[3]) == "PreviewImage"]
+    if "PlugKitFeatureMap" in types.values():  # the feature-map preview appears on the canvas
+        assert previews, f"{path.name}: the feature map feeds no PreviewImage"
+        for nid in previews:
+            assert entry["outputs"].get(nid, {}).get("images"), f"{path.name}: no feature-map preview image"
+            assert page.js("const n = app.graph.getNodeById(Number(arguments[0]));"
+                           "return !!n && ((n.imgs && n.imgs.length > 0)"
+                           " || !!app.nodeOutputs?.[String(arguments[0])]?.images?.length)", nid)
+        page.shot(f"03_{_slug(path.stem)}_feature_map_preview")
 
 
 def test_missing_node_is_detected(page, server, any_workflow, tmp_path):
@@ -317,6 +378,28 @@ def test_workflows_in_template_browser(page, server):
     page.shot("05_template_browser")
     absent = [n for n in names if n not in text]
     assert not absent, f"the template browser does not show {absent} under {PACK}"
+    # ... each with its thumbnail <name>.jpg, served from workflows/ and shown as a loaded image.
+    for n in names:
+        thumb = REPO / "workflows" / f"{n}.jpg"
+        assert thumb.is_file(), f"no thumbnail {thumb.name}"
+        assert server.get(f"/api/workflow_templates/{PACK}/{n}.jpg") == thumb.read_bytes(), f"{n}.jpg is served differently"
+    # The frontend fetches each thumbnail and shows it from a blob: URL, so a card is matched by its
+    # title and its picture by size (our thumbnails are 512x384, unlike any placeholder).
+    from PIL import Image as _Image
+
+    thumb_js = (f"const dlg = {dlg};"
+                "const t = [...dlg.querySelectorAll('*')].find(e => e.children.length === 0"
+                " && e.textContent.trim() === arguments[0]);"
+                "let card = t; while (card && card !== dlg && !card.querySelector('img')) card = card.parentElement;"
+                "const img = card && card !== dlg ? card.querySelector('img') : null;"
+                "if (!img) return null; img.scrollIntoView({block: 'center'});"
+                "return img.complete && img.naturalWidth > 0 ? [img.naturalWidth, img.naturalHeight] : null")
+    for n in names:
+        with _Image.open(REPO / "workflows" / f"{n}.jpg") as im:
+            size = list(im.size)
+        got = page.wait_for(f"the thumbnail of {n}", lambda: page.js(thumb_js, n), timeout=60)
+        assert got == size, f"{n}: the card shows a {got} picture, not its {size} thumbnail"
+    page.shot("05_template_browser_thumbnails")
 
     # Open the first one through the template browser (its own loading path).
     ui = json.loads(workflows[0].read_text())
@@ -330,3 +413,40 @@ def test_workflows_in_template_browser(page, server):
     page.check_workflow_loaded(ui, names[0])
     page.fit_view()
     page.shot("05_template_opened")
+
+
+# --------------------------------------------------------------------------------------------
+# 6. the interface in Chinese shows our node names and help pages (locales/zh, js/docs/<id>/zh.md)
+# --------------------------------------------------------------------------------------------
+def test_chinese_interface_shows_our_node_names_and_help(page, server):
+    zh = json.loads((REPO / "locales" / "zh" / "nodeDefs.json").read_text(encoding="utf-8"))
+    nodes = plugkit_nodes(server)
+    page.close_dialogs()
+    page.ajs("await app.extensionManager.setting.set('Comfy.Locale', 'zh');")
+    try:
+        page.open_app()  # node definitions are translated when the page registers them: reload
+        page.close_dialogs()
+        want = {nid: zh[nid]["display_name"] for nid in nodes}
+        listed = page.wait_for("the Chinese node names in the node library", lambda: (
+            lambda got: got if all(name in got for name in want.values()) else None)(
+                search_node_library(page, "PlugKit")), timeout=90, interval=1.0)
+        page.shot("06_chinese_node_library")
+        assert all(name in listed for name in want.values()), (want, listed)
+
+        nid = "PlugKitChangeMap" if "PlugKitChangeMap" in nodes else next(iter(nodes))
+        label = want[nid]
+        found = page.js(
+            "const li = [...document.querySelectorAll('.sidebar-content-container li.p-tree-node-leaf')]"
+            ".find(li => li.getAttribute('aria-label') === arguments[0]);"
+            "const b = li && li.querySelector('.help-button'); if (b) b.click(); return !!b", label)
+        assert found, f"no help button for {label!r}"
+        heading = _md_heading((REPO / "js" / "docs" / nid / "zh.md").read_text(encoding="utf-8"))
+        page.wait_for(f"the Chinese help page of {nid}", lambda: page.js(
+            "const c = document.querySelector('.node-help-content');"
+            "return !!c && c.innerText.includes(arguments[0])", heading), timeout=30)
+        page.shot("06_chinese_help_page")
+        page.js("const b = document.querySelector('.sidebar-content-container .pi-arrow-left');"
+                "if (b) b.closest('button').click();")
+    finally:
+        page.ajs("await app.extensionManager.setting.set('Comfy.Locale', 'en');")
+        page.open_app()
