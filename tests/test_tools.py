@@ -192,13 +192,9 @@ def test_registry_package_contents():
 
 
 SHIPPED_CODE = [f for f in shipped_files() if f.endswith((".py", ".js"))]
-# cli.py reads COMFYUI_PATH: the "dpsafe" helper turns it into an argument. Strict: this marker must
-# go when that lands (an XPASS fails the run).
-AWAITING = {"cli.py": "dpsafe removes cli.py's environment read (COMFYUI_PATH as an argument)"}
 
 
-@pytest.mark.parametrize("rel", [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=AWAITING[f]))
-                                 if f in AWAITING else f for f in SHIPPED_CODE])
+@pytest.mark.parametrize("rel", SHIPPED_CODE)
 def test_shipped_code_has_nothing_the_registry_scan_flags(rel):
     import re
 

@@ -9,7 +9,7 @@
 - ``workflows/segmentation_sd15.json`` (UI format): the two training images and their masks
   (batched with ImageBatch; masks via MaskToImage / ImageToMask) -> PlugKitFeatureSegmenterTrain
   (-> PlugKitSaveSegmenter); the two targets (ImageBatch) -> PlugKitFeatureSegment -> its mask ->
-  PlugKitChangeMap (feathered) -> PlugKitDifferentialDiffusion -> KSampler -> VAEDecode ->
+  PlugKitChangeMap (feathered, previewed) -> PlugKitDifferentialDiffusion -> KSampler -> VAEDecode ->
   SaveImage; plus the label image, the uncertainty and the targets saved beside the result.
 
 User settings: SD1.5 (v1-5-pruned-emaonly.safetensors) at 512 px, the official recipe's defaults.
@@ -85,6 +85,7 @@ def build(info: dict):
     cmap = wf.add("PlugKitChangeMap", title="Change map: the fruit changes, feathered", mask=seg[0],
                   channel="luminance", invert=False, gamma=1.0, contrast=1.0, blur_radius=8.0, levels=0,
                   min_value=0.0, max_value=1.0)
+    wf.add("PreviewImage", title="Change map preview", images=cmap[1])
     enc = wf.add("VAEEncode", pixels=targets[0], vae=ckpt[2])
     dd = wf.add("PlugKitDifferentialDiffusion", model=ckpt[0], samples=enc[0], change_map=cmap[0], strength=1.0,
                 map_convention="white=change", schedule="sigma", exact_keep=False)
