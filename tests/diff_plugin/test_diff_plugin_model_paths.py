@@ -9,9 +9,26 @@ import pytest
 from diff_plugin_testlib import write_released_plugin
 
 
+def host_extra_config(comfy):
+    """ComfyUI's own ``utils/extra_config.py``. Imported by file: once ComfyUI's ``nodes`` is imported
+    (another test), its ``comfy/`` folder leads sys.path and ``utils`` would be ``comfy/utils.py``."""
+    import importlib.util
+    import sys
+
+    loaded = sys.modules.get("utils.extra_config")
+    if loaded is not None:
+        return loaded
+    spec = importlib.util.spec_from_file_location("plugkit_test_host_extra_config",
+                                                  Path(comfy) / "utils" / "extra_config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_extra_model_paths_yaml_folder_is_listed_and_loads(comfy, tmp_path):
     import folder_paths
-    from utils.extra_config import load_extra_path_config
+
+    load_extra_path_config = host_extra_config(comfy).load_extra_path_config
 
     from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitTaskPluginLoader, plugin_folders
 
