@@ -155,9 +155,15 @@ class PlugKitFeatureSegmenterTrain(io.ComfyNode):
         if masks is not None:
             if masks.dim() == 2:
                 masks = masks[None]
-            if tuple(masks.shape) != (b, height, width):
+            if masks.dim() != 3 or masks.shape[0] != b:
                 raise ValueError(f"{node}: input 'masks' is {tuple(masks.shape)} but 'images' needs ({b}, {height}, {width}): "
-                                 "one mask per image, at the image size.")
+                                 "one mask per image.")
+            if tuple(masks.shape[1:]) != (height, width):
+                # A mask painted at another size (the image was scaled after loading): nearest keeps it hard-edged.
+                log.info("%s: input 'masks' is %dx%d px, the images %dx%d; masks resized (nearest) to the images.",
+                         node, masks.shape[2], masks.shape[1], width, height)
+                masks = torch.nn.functional.interpolate(masks[:, None].float(), size=(height, width),
+                                                        mode="nearest-exact")[:, 0]
             masks = masks.float().cpu()
             if not torch.isfinite(masks).all():
                 raise ValueError(f"{node}: input 'masks' contains NaN or inf.")

@@ -224,3 +224,19 @@ def test_sdxl_layout_trains_and_segments(seg_env):
     assert mask.shape == (1, 64, 64)
     with pytest.raises(ValueError, match="is a SD15 U-Net .* trained on SDXL"):
         _segment(env, seg, images=images)
+
+
+def test_masks_painted_at_another_size_are_resized_to_the_images(seg_env, trained):
+    """A mask at twice the image size (the image was scaled after loading, as the CPU tests do): resized
+    (nearest) to the images, it trains exactly the segmenter the image-sized masks train."""
+    from plugkit.nodes.segmentation.nodes import PlugKitFeatureSegmenterTrain
+
+    env = seg_env
+    big = env["masks"][:2].repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+    torch.set_num_threads(1)
+    seg, _ = PlugKitFeatureSegmenterTrain.execute(model=env["model"], vae=env["vae"], images=env["images"][:2],
+                                                  masks=big, ensemble_size=4, seed=0).result
+    want, got = trained[0].state()[0], seg.state()[0]
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
