@@ -169,8 +169,13 @@ class ComfyServer:
             if entry and entry.get("status", {}).get("completed") is not None:
                 status = entry["status"]
                 if status.get("status_str") != "success":
-                    msgs = json.dumps(status.get("messages", []), indent=1)[-4000:]
-                    raise ServerError(f"prompt {prompt_id} failed: {msgs}")
+                    errors = [m[1] for m in status.get("messages", []) if isinstance(m, list) and len(m) == 2
+                              and m[0] == "execution_error" and isinstance(m[1], dict)]
+                    # The error itself first: the message list also holds whole input tensors.
+                    said = "; ".join(f"{e.get('node_type')} #{e.get('node_id')}: {e.get('exception_type')}: "
+                                     f"{e.get('exception_message')}" for e in errors)
+                    msgs = json.dumps(status.get("messages", []), indent=1)[-2000:]
+                    raise ServerError(f"prompt {prompt_id} failed: {said}\n{msgs}")
                 return entry
             time.sleep(0.5)
         raise ServerError(f"prompt {prompt_id} did not finish within {timeout}s")

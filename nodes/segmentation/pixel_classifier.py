@@ -172,6 +172,13 @@ def train_classifier(data: PixelSet, n_classes: int, dim: int, seed: int, *, bat
                      min_epochs: int = OFFICIAL_MIN_EPOCHS, device: torch.device | str = "cpu",
                      check: Optional[Callable[[], None]] = None) -> tuple[PixelClassifier, dict]:
     """Train one ensemble member with the official loop; returns (classifier in eval mode, stats)."""
+    # ComfyUI runs nodes under torch.inference_mode(): gradients need it off (as core's trainer does).
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train_classifier(data, n_classes, dim, seed, batch_size=batch_size, max_epochs=max_epochs,
+                                 patience=patience, min_epochs=min_epochs, device=device, check=check)
+
+
+def _train_classifier(data, n_classes, dim, seed, *, batch_size, max_epochs, patience, min_epochs, device, check):
     gen = torch.Generator().manual_seed(int(seed))
     model = PixelClassifier(n_classes, dim)
     model.init_weights(gen)
@@ -186,6 +193,8 @@ def train_classifier(data: PixelSet, n_classes: int, dim: int, seed: int, *, bat
                 continue
             x, y = data.batch(rows)
             x, y = x.to(device), y.to(device)
+            if x.is_inference():  # features computed under inference mode cannot be saved for backward
+                x = x.clone()
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
             if not torch.isfinite(loss):

@@ -228,14 +228,16 @@ def test_sdxl_layout_trains_and_segments(seg_env):
 
 def test_masks_painted_at_another_size_are_resized_to_the_images(seg_env, trained):
     """A mask at twice the image size (the image was scaled after loading, as the CPU tests do): resized
-    (nearest) to the images, it trains exactly the segmenter the image-sized masks train."""
+    (nearest) to the images, it trains exactly the segmenter the image-sized masks train; under
+    torch.inference_mode() as in the server."""
     from plugkit.nodes.segmentation.nodes import PlugKitFeatureSegmenterTrain
 
     env = seg_env
     big = env["masks"][:2].repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
     torch.set_num_threads(1)
-    seg, _ = PlugKitFeatureSegmenterTrain.execute(model=env["model"], vae=env["vae"], images=env["images"][:2],
-                                                  masks=big, ensemble_size=4, seed=0).result
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        seg, _ = PlugKitFeatureSegmenterTrain.execute(model=env["model"], vae=env["vae"], images=env["images"][:2],
+                                                      masks=big, ensemble_size=4, seed=0).result
     want, got = trained[0].state()[0], seg.state()[0]
     assert want.keys() == got.keys()
     for k in want:
