@@ -79,8 +79,17 @@ def test_generated_files_are_current(infos):
 
 def test_comfyui_loads_the_locale(comfy, tmp_path, infos):
     """ComfyUI's own loader (app/custom_node_manager.py, served at GET /i18n) merges our files."""
+    import sys
+
     import folder_paths
-    from app.custom_node_manager import CustomNodeManager
+
+    # After ComfyUI's `nodes` import (another test), comfy/ leads sys.path and `utils` would be comfy/utils.py;
+    # the app module needs the host's utils package, as in the server.
+    sys.path.insert(0, str(comfy))
+    try:
+        from app.custom_node_manager import CustomNodeManager
+    finally:
+        sys.path.remove(str(comfy))
 
     (tmp_path / "plugkit").symlink_to(REPO, target_is_directory=True)  # a registry install's folder name
     saved = folder_paths.folder_names_and_paths["custom_nodes"]
