@@ -50,6 +50,8 @@ NODES: dict[str, dict] = {
                                           "使各分辨率过滤的频带与模型原生分辨率下相同。"),
             "apply_to": ("作用于", "FreeU 作用于每次模型计算（both，官方），或只作用于 ComfyUI 编码为正向（cond）或负向（uncond）的计算："
                                   "在 DualCFGGuider 下 cond2 算作负向，PerpNeg 的空提示词和 SAG 的额外计算算作 uncond。"),
+            "other_models": ("其他模型", "没有 U-Net 解码器的模型（Flux、SD3 等 DiT）如何处理：'error' 停止运行并说明原因；"
+                                        "'pass through' 原样传递模型并在日志中警告，适合切换模型系列的工作流。"),
         },
         "outputs": [("模型", "附加了 FreeU 的模型（输入模型不会被修改）。")],
     },

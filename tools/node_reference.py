@@ -15,7 +15,7 @@ START, END = "<!-- node-reference:start -->", "<!-- node-reference:end -->"
 # Model families per technique folder (what the technique needs of the model).
 FAMILIES = {
     "freeu": "U-Net models: SD1.x, SD2.x, SDXL, the SDXL refiner, and video U-Nets built on them "
-             "(SVD, AnimateDiff-patched SD1.5). DiT models (Flux, SD3, ...) are refused with a clear error.",
+             "(SVD, AnimateDiff-patched SD1.5). DiT models (Flux, SD3, ...) are refused with a clear error, or passed through unchanged with a warning (`other_models`).",
     "diff_plugin": "SD 1.x U-Nets (cross-attention context 768; the plugins were trained on SD 1.4). "
                    "Other families are refused with a clear error.",
     "pnp": "U-Net models: SD1.x, SD2.x (epsilon and v-prediction), SDXL (documented block mapping). "

@@ -45,6 +45,19 @@ def _describe(patch) -> str:
     return "core " + getattr(patch, "__qualname__", "FreeU").split(".", 1)[0]
 
 
+OTHER_MODELS_ERROR = "error"
+OTHER_MODELS_PASS = "pass through"
+OTHER_MODELS = (OTHER_MODELS_ERROR, OTHER_MODELS_PASS)
+
+
+class NotAUNet(ValueError):
+    """The model has no U-Net decoder; ``family_text`` names what it is."""
+
+    def __init__(self, family_text: str, message: str):
+        super().__init__(message)
+        self.family_text = f"the input 'model' is a {family_text}, which has no U-Net decoder"
+
+
 def model_layout(model) -> tuple[int, list[str], bool]:
     """(model_channels, config class names in MRO order, v-prediction) of a U-Net MODEL.
 
@@ -59,11 +72,13 @@ def model_layout(model) -> tuple[int, list[str], bool]:
     if not isinstance(channels, int) or not hasattr(diffusion_model, "output_blocks"):
         family = names[0] if names else type(base).__name__ if base is not None else type(model).__name__
         arch = type(diffusion_model).__name__ if diffusion_model is not None else "unknown"
-        raise ValueError(
+        raise NotAUNet(
+            f"{family} model (diffusion model {arch})",
             f"{NODE_ID}: the input 'model' is a {family} model (diffusion model {arch}), which has no "
             f"U-Net decoder skip connections. FreeU rescales U-Net backbone and skip features, so it "
             f"works only with U-Net models (SD1.x, SD2.x, SDXL and its refiner, SVD and other SD-based "
-            f"video U-Nets). Remove {NODE_ID} for this model.")
+            f"video U-Nets). Remove {NODE_ID} for this model, or set 'other_models' to 'pass through' to "
+            f"hand such models on unchanged.")
     v_pred = getattr(getattr(base, "model_type", None), "name", "") == "V_PREDICTION"
     return channels, names, v_pred
 
@@ -165,13 +180,16 @@ class PlugKitFreeU(io.ComfyNode):
                                tooltip="'fixed': the box is 'threshold' bins at every size (official). 'resolution-aware': the box grows with the image so every resolution filters the band that 'threshold' filters at the model's native resolution."),
                 io.Combo.Input("apply_to", options=list(APPLY_TO), default="both", optional=True,
                                tooltip="Apply FreeU to every model pass (both, official), or only to passes ComfyUI encodes as positive (cond) or negative (uncond): under DualCFGGuider cond2 counts as negative, PerpNeg's empty prompt and SAG's extra pass as uncond."),
+                io.Combo.Input("other_models", options=list(OTHER_MODELS), default=OTHER_MODELS_ERROR, optional=True,
+                               tooltip="What to do with a model that has no U-Net decoder (Flux, SD3 and other DiTs): 'error' stops the run and says so; 'pass through' hands the model on unchanged with a warning in the log, for workflows that switch model families."),
             ],
             outputs=[io.Model.Output(tooltip="The model with FreeU attached (the input model is not modified).")],
         )
 
     @classmethod
     def execute(cls, model, b1, b2, s1, s2, version="v2", start_percent=0.0, end_percent=1.0,
-                preset=CUSTOM, threshold=1, threshold_mode="fixed", apply_to="both") -> io.NodeOutput:
+                preset=CUSTOM, threshold=1, threshold_mode="fixed", apply_to="both",
+                other_models=OTHER_MODELS_ERROR) -> io.NodeOutput:
         for name, value in (("b1", b1), ("b2", b2), ("s1", s1), ("s2", s2)):
             _finite(name, value, "enter a factor such as 1.3 (1 = off).")
         for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
@@ -187,7 +205,17 @@ class PlugKitFreeU(io.ComfyNode):
         if start_percent > end_percent:
             raise ValueError(f"{NODE_ID}: start_percent ({start_percent}) is after end_percent ({end_percent}); "
                              f"set start_percent <= end_percent (0 and 1 apply FreeU on every step).")
-        channels, names, v_pred = model_layout(model)
+        if other_models not in OTHER_MODELS:
+            raise ValueError(f"{NODE_ID}: input 'other_models' must be one of {', '.join(OTHER_MODELS)}, "
+                             f"got {other_models!r}.")
+        try:
+            channels, names, v_pred = model_layout(model)
+        except NotAUNet as err:
+            if other_models != OTHER_MODELS_PASS:
+                raise
+            log.warning("%s: %s; 'other_models' is 'pass through', so the model is handed on without FreeU.",
+                        NODE_ID, err.family_text)
+            return io.NodeOutput(model)
         (b1, b2, s1, s2), source = resolve(preset, b1, b2, s1, s2, names)
         if source != CUSTOM:
             tuned = preset_version(source, version)

@@ -294,6 +294,26 @@ def test_dit_is_refused_with_a_clear_error(comfy, comfy_nodes):
     assert "PlugKitFreeU" in msg and "Flux" in msg and "U-Net" in msg and "skip" in msg
     with pytest.raises(KeyError):  # what core FreeU_V2 does on the same model
         comfy_nodes.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(flux, 1.3, 1.4, 0.9, 0.2)
+    assert "pass through" in msg  # the error names the way out for mixed-model graphs
+
+
+def test_dit_passes_through_unchanged_when_asked(comfy, caplog):
+    """Mixed-model graphs: with other_models='pass through' a DiT goes on untouched, with a warning."""
+    flux = tiny_flux()
+    before = (len(flux.patches), repr(sorted(flux.model_options.get("transformer_options", {}))))
+    with caplog.at_level(logging.WARNING):
+        out = ours(flux, other_models="pass through")
+    assert out is flux
+    assert (len(flux.patches), repr(sorted(flux.model_options.get("transformer_options", {})))) == before
+    assert any("PlugKitFreeU" in r.getMessage() and "Flux" in r.getMessage() and "without FreeU" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(ValueError, match="other_models"):
+        ours(flux, other_models="ignore")
+
+
+def test_pass_through_leaves_u_nets_patched(env, memo):
+    """The option only concerns models without a U-Net: an SD1.x model still gets FreeU."""
+    assert torch.equal(run(env, ours(env[0], other_models="pass through")), ours_run(env, memo))
 
 
 # -- registration ----------------------------------------------------------------------------------
