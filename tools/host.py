@@ -86,15 +86,6 @@ def host_requirements(path: Path) -> list[str]:
     return reqs
 
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    p = comfyui_path()
-    if len(sys.argv) > 1 and sys.argv[1] == "requirements":
-        print("\n".join(host_requirements(p)))
-    else:
-        print(p)
-
-
 _IN_PROCESS = False
 
 
@@ -111,6 +102,71 @@ def register_pack(name: str = "plugkit") -> None:
     spec.loader.exec_module(module)
 
 
+def comfy_args() -> list[str]:
+    """Extra ComfyUI command-line flags for every host this tooling starts, in-process and server
+    (``PLUGKIT_COMFY_ARGS="--disable-dynamic-vram"``; tools/gpu_check.sh runs both ways)."""
+    return os.environ.get("PLUGKIT_COMFY_ARGS", "").split()
+
+
+def _apply_args_in_process(extra: list[str]) -> None:
+    """Parse ``extra`` with ComfyUI's own parser into its global args, as main.py would."""
+    import comfy.cli_args
+
+    parsed = comfy.cli_args.parser.parse_args(extra)
+    for key, value in vars(parsed).items():
+        if value != comfy.cli_args.parser.get_default(key):
+            setattr(comfy.cli_args.args, key, value)
+
+
+def _dynamic_vram_wanted() -> bool:
+    import comfy.cli_args
+
+    enables = getattr(comfy.cli_args, "enables_dynamic_vram", None)  # ComfyUI >= 0.12
+    return enables is not None and enables()
+
+
+def _init_aimdo_like_main() -> None:
+    """main.py's first step of dynamic VRAM (before comfy.model_management is imported)."""
+    import comfy.cli_args
+    import comfy_aimdo.control
+
+    args = comfy.cli_args.args
+    headroom = None if args.reserve_vram is None else int(args.reserve_vram * 1024 ** 3)
+    try:
+        comfy_aimdo.control.init(simple_vram_headroom=headroom,
+                                 nvml_pressure=not getattr(args, "disable_nvml_pressure", False))
+    except TypeError:  # older comfy-aimdo protocols, as main.py falls back
+        try:
+            comfy_aimdo.control.init(simple_vram_headroom=headroom)
+        except TypeError:
+            comfy_aimdo.control.init()
+
+
+def _enable_dynamic_vram_like_main() -> bool:
+    """main.py's second step: on NVIDIA, ModelPatcherDynamic becomes the core patcher (weights
+    streamed to the GPU layer by layer), so host tests on a GPU run what users run since 0.12."""
+    import comfy.cli_args
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy_aimdo.control
+
+    if not mm.is_nvidia():
+        return False
+    headroom = int(getattr(comfy.cli_args.args, "vram_headroom", 0) * 1024 ** 3)
+    try:
+        ok = comfy_aimdo.control.init_devices((d.index, headroom) for d in mm.get_all_torch_devices())
+    except TypeError:  # comfy-aimdo 0.4.9 protocol
+        ok = comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices())
+    if ok:
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+        comfy.memory_management.aimdo_enabled = True
+        log.info("ComfyUI dynamic VRAM enabled in-process (as main.py does on NVIDIA)")
+    else:
+        log.warning("ComfyUI dynamic VRAM was wanted but comfy-aimdo did not initialise the devices")
+    return bool(ok)
+
+
 def setup_in_process() -> Path:
     """Make ComfyUI importable in this process (tests, benchmarks, tools), on the CPU when there is
     no CUDA, with the pack importable as ``plugkit``. Returns the host's path."""
@@ -122,9 +178,24 @@ def setup_in_process() -> Path:
         import torch
         import comfy.cli_args
 
+        _apply_args_in_process(comfy_args())
         if not torch.cuda.is_available():
             comfy.cli_args.args.cpu = True
+        dynamic = torch.cuda.is_available() and _dynamic_vram_wanted()
+        if dynamic:
+            _init_aimdo_like_main()
         import comfy.model_management  # noqa: F401  (device selection happens at import)
+        if dynamic:
+            _enable_dynamic_vram_like_main()
         _IN_PROCESS = True
     register_pack()
     return path
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    p = comfyui_path()
+    if len(sys.argv) > 1 and sys.argv[1] == "requirements":
+        print("\n".join(host_requirements(p)))
+    else:
+        print(p)

@@ -93,7 +93,7 @@ class ComfyServer:
                "--user-directory", str(self.base / "user")]
         if not torch.cuda.is_available():
             cmd.append("--cpu")
-        cmd += self.extra_args
+        cmd += comfy_args() + self.extra_args
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._log = open(self.log_path, "wb")

@@ -25,6 +25,17 @@ fi
 HOST=$("$VPY" -m tools.host)
 echo "[setup] ComfyUI host: $HOST"
 
+# ComfyUI >= 0.20 imports torchaudio when loading comfy.sd. There is no torchaudio build for torch
+# 2.14; 2.11.1 works with it (its pinned torch would replace ours, hence --no-deps).
+if grep -qi "^torchaudio" "$HOST/requirements.txt" && ! "$VPY" -c "import torchaudio" 2>/dev/null; then
+  case "$("$VPY" -c "import torch; print(torch.__version__.split('+')[0])")" in
+    2.14.*) AUDIO="torchaudio==2.11.1" ;;
+    *) AUDIO="torchaudio==$("$VPY" -c "import torch; print(torch.__version__.split('+')[0])")" ;;
+  esac
+  echo "[setup] installing $AUDIO (this ComfyUI imports it)"
+  "$VPY" -m pip install --quiet --no-deps "$AUDIO"
+fi
+
 STAMP="$VENV/.plugkit-setup-$(cat "$HOST/requirements.txt" requirements.txt tests/requirements.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ]; then
   echo "[setup] installing ComfyUI's requirements and the test dependencies"
