@@ -78,6 +78,8 @@ def test_shorten_caps_steps_and_sizes_and_scales_loaded_images():
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
         "5": {"class_type": "PlugKitPnPInvert", "inputs": {"steps": 50, "inversion_steps": 1000}},
         "6": {"class_type": "X", "inputs": {"steps": 3, "mask": ["1", 1]}},
+        "7": {"class_type": "PlugKitFeatureSegmenterTrain", "inputs": {"ensemble_size": 10, "max_epochs": 100,
+                                                                       "seed": 0}},
     }
     changes = shorten(prompt, steps=4, size=128)
     assert prompt["3"]["inputs"]["steps"] == 4 and prompt["3"]["inputs"]["seed"] == 1
@@ -87,7 +89,8 @@ def test_shorten_caps_steps_and_sizes_and_scales_loaded_images():
     scale = prompt["2"]["inputs"]["pixels"][0]
     assert prompt[scale] == {"class_type": "ImageScale", "inputs": {
         "image": ["1", 0], "upscale_method": "area", "width": 128, "height": 0, "crop": "disabled"}}
-    assert len(changes) == 6 and any("KSampler #3: steps 50 -> 4" == c for c in changes)
+    assert prompt["7"]["inputs"] == {"ensemble_size": 3, "max_epochs": 8, "seed": 0}
+    assert len(changes) == 8 and any("KSampler #3: steps 50 -> 4" == c for c in changes)
 
 
 # --- the shipped workflows are templates a user runs -----------------------------------------------

@@ -9,7 +9,7 @@ checkpoint (generated once into the cache), whose pictures are noise.
 
 With CUDA or a real checkpoint the workflows run as shipped (512 px, the techniques' official step
 counts). On a CPU with the random checkpoint each one is shortened as it is queued (``tools.workflow.
-shorten``: at most 4 steps, 128 px) and the demo says so; ``PLUGKIT_DEMO_FULL=1`` runs them as shipped
+shorten``: at most 4 steps, 128 px, a segmenter of 3 classifiers) and the demo says so; ``PLUGKIT_DEMO_FULL=1`` runs them as shipped
 anyway. The shipped files are never changed.
 """
 from __future__ import annotations
@@ -127,7 +127,8 @@ def main() -> int:
     short = _shortened_run(random_weights)
     if short:
         log.warning("CPU with random weights: every workflow is SHORTENED as it is queued (at most %d "
-                    "sampling steps, %d px images and latents) so the demo finishes in minutes. The "
+                    "sampling steps, %d px images and latents, a segmenter of 3 classifiers and 8 epochs) so "
+                    "the demo finishes in minutes. The "
                     "files in workflows/ keep their settings (512 px, official step counts); with CUDA, "
                     "a real checkpoint or PLUGKIT_DEMO_FULL=1 they run as shipped.", CPU_STEPS, CPU_SIZE)
     else:

@@ -197,24 +197,29 @@ def load(path: Path) -> dict:
 CPU_STEPS = 4  # sampling steps of a shortened run
 CPU_SIZE = 128  # pixels: the width of generated latents and of every loaded image in a shortened run
 STEP_INPUTS = ("steps", "inversion_steps")  # capped to CPU_STEPS (same cap keeps sampler and inversion equal)
+# Every widget a shortened run caps, by name: the step counts, and the segmenter's training (10
+# classifiers of up to 100 epochs take 10+ minutes of CPU at 128 px; 3 of 8 epochs still vote).
+CPU_CAPS = {**{key: CPU_STEPS for key in STEP_INPUTS}, "ensemble_size": 3, "max_epochs": 8}
 SIZE_NODES = {"EmptyLatentImage": ("width", "height")}
 
 
 def shorten(prompt: dict, steps: int = CPU_STEPS, size: int = CPU_SIZE) -> list[str]:
     """Shorten an API prompt in place for a CPU run with random weights; return what changed, in words.
 
-    Caps every ``steps``/``inversion_steps`` input at ``steps``, every generated latent at ``size``
+    Caps every ``steps``/``inversion_steps`` input at ``steps`` (and the other ``CPU_CAPS``: the
+    segmenter's classifiers and epochs), every generated latent at ``size``
     pixels, and scales every loaded image to ``size`` pixels wide (core ``ImageScale``, aspect kept)
     before anything uses it. The shipped workflow files are not touched: they keep the user's settings.
     """
     changes = []
     for nid, node in list(prompt.items()):
         ins = node["inputs"]
-        for key in STEP_INPUTS:
+        for key, cap in CPU_CAPS.items():
+            cap = steps if key in STEP_INPUTS else cap
             v = ins.get(key)
-            if isinstance(v, int) and not isinstance(v, bool) and v > steps:
-                ins[key] = steps
-                changes.append(f"{node['class_type']} #{nid}: {key} {v} -> {steps}")
+            if isinstance(v, int) and not isinstance(v, bool) and v > cap:
+                ins[key] = cap
+                changes.append(f"{node['class_type']} #{nid}: {key} {v} -> {cap}")
         for key in SIZE_NODES.get(node["class_type"], ()):
             v = ins.get(key)
             if isinstance(v, int) and v > size:

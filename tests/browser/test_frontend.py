@@ -29,11 +29,11 @@ RUN_TIMEOUT = 3600  # seconds per workflow: 2 shared CPU cores, full-size SD1.5;
 
 # The page-side twin of tools.workflow.shorten: edits the opened graph's widgets as a user would.
 SHORTEN_JS = """
-const [STEPS, SIZE] = args; const changes = []; const g = app.graph;
+const [CAPS, SIZE] = args; const changes = []; const g = app.graph;
 const link = id => (typeof g.links.get === 'function' ? g.links.get(id) : g.links[id]);
 for (const n of [...g.nodes]) {
   for (const w of n.widgets ?? []) {
-    const cap = ['steps', 'inversion_steps'].includes(w.name) ? STEPS
+    const cap = (w.name in CAPS) ? CAPS[w.name]
       : (n.type === 'EmptyLatentImage' && ['width', 'height'].includes(w.name)) ? SIZE : null;
     if (cap !== null && typeof w.value === 'number' && w.value > cap) {
       changes.push(`${n.type} #${n.id}: ${w.name} ${w.value} -> ${cap}`); w.value = cap;
@@ -59,11 +59,11 @@ def shorten_in_page(page) -> list[str]:
     """On a CPU (random weights): shorten the open graph in the page; with CUDA run it as shipped."""
     import torch
 
-    from tools.workflow import CPU_SIZE, CPU_STEPS
+    from tools.workflow import CPU_CAPS, CPU_SIZE
 
     if torch.cuda.is_available():
         return []
-    return page.ajs(SHORTEN_JS, CPU_STEPS, CPU_SIZE)
+    return page.ajs(SHORTEN_JS, CPU_CAPS, CPU_SIZE)
 
 
 def plugkit_nodes(server) -> dict[str, dict]:
