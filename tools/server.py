@@ -19,7 +19,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from .host import REPO, comfyui_path
+from .host import REPO, comfy_args, comfyui_path
 
 log = logging.getLogger(__name__)
 
