@@ -26,7 +26,11 @@ CHROMIUM_FLAGS = [
     # internet: resolve every name but the loopback server to "not found", without DNS.
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost",
 ]
-MISSING_RE = re.compile(r"missing (custom )?nodes|missing models|not installed", re.I)
+# The Run button: frontend 1.32 (ComfyUI 0.3.75) has a PrimeVue split button in .comfyui-queue-button;
+# 1.48+ (ComfyUI 0.33) a button with data-testid="queue-button".
+RUN_BUTTON = ".comfyui-queue-button button.p-splitbutton-button, [data-testid=queue-button]"
+DIALOGS = ".p-dialog, [role=dialog]"
+MISSING_RE = re.compile(r"missing (custom )?nodes?\b|missing models?\b|not installed", re.I)
 
 
 def _unavailable(msg: str):
@@ -120,47 +124,75 @@ class Page:
         return el
 
     # -- ComfyUI frontend ------------------------------------------------------------------
+    def click_run(self):
+        """Click the Run button (queues the open workflow), as a user does."""
+        return self.click(RUN_BUTTON)
+
     def open_app(self):
         self.d.get(self.server.url + "/")
         self.wait_for("the ComfyUI app", lambda: self.js(
             "return !!(window.app && app.graph && app.extensionManager && window.LiteGraph"
             " && LiteGraph.registered_node_types.KSampler"
-            " && document.querySelector('.comfyui-queue-button'))"), timeout=180)
+            " && document.querySelector(arguments[0]))", RUN_BUTTON), timeout=180)
         # Draw node details at every zoom level, so fitted screenshots of big graphs stay legible.
         self.ajs("await app.extensionManager.setting.set('LiteGraph.Canvas.MinFontSizeForLOD', 1);")
         time.sleep(1.0)  # let the first-run dialogs and extension setup settle
 
     def dialogs(self) -> list[str]:
-        """Texts of the open dialogs."""
-        return self.js("return [...document.querySelectorAll('.p-dialog')]"
+        """Texts of the open dialogs (PrimeVue's .p-dialog up to frontend 1.3x, role=dialog since)."""
+        return self.js(f"return [...document.querySelectorAll({DIALOGS!r})]"
                        ".filter(d => d.offsetParent !== null || d.getClientRects().length)"
                        ".map(d => d.innerText)")
 
     def missing_dialog(self) -> str | None:
-        """The text of a 'missing nodes' / 'missing models' dialog, if one is open."""
+        """The text of a 'missing nodes' / 'missing models' dialog (frontend 1.3x) or notice (1.4x+
+        show a banner, "Missing node: X"), if one is shown."""
         for text in self.dialogs():
             if MISSING_RE.search(text):
                 return text
-        return None
+        notices = self.js(
+            "const re = new RegExp(arguments[0], 'i');"
+            "return [...document.querySelectorAll('body *')]"
+            ".filter(e => e.children.length === 0 && e.offsetParent !== null && re.test(e.textContent))"
+            ".map(e => (e.parentElement?.parentElement || e).innerText)", MISSING_RE.pattern)
+        return notices[0] if notices else None
+
+    def close_notices(self):
+        """Dismiss 'missing ...' notices (frontend 1.4x+ banners), so they do not outlive their workflow."""
+        self.js(
+            "const re = new RegExp(arguments[0], 'i');"
+            "for (const e of [...document.querySelectorAll('body *')].filter(e => e.children.length === 0"
+            "     && e.offsetParent !== null && re.test(e.textContent))) {"
+            "  let box = e; for (let i = 0; i < 5 && box; i++, box = box.parentElement) {"
+            "    const b = [...box.querySelectorAll('button')].find(b => /close|dismiss/i.test("
+            "        (b.getAttribute('aria-label') || '') + ' ' + (b.title || '')));"
+            "    if (b) { b.click(); break; } } }", MISSING_RE.pattern)
+        time.sleep(0.5)
 
     def close_dialogs(self):
         for _ in range(5):
             if not self.dialogs():
                 return
             self.js("""
-              for (const d of document.querySelectorAll('.p-dialog')) {
+              for (const d of document.querySelectorAll(arguments[0])) {
                 const b = d.querySelector('.p-dialog-close-button, [data-pc-section=pcclosebutton],'
-                    + ' button[aria-label=Close], button[aria-label=close]')
+                    + ' button[aria-label=Close], button[aria-label=close], button[aria-label="Close dialog"]')
                   || [...d.querySelectorAll('button')].find(b => /\\bright-6\\b/.test(b.className));
                 if (b) b.click();
-              }""")
+              }""", DIALOGS)
             time.sleep(0.7)
+            if self.dialogs():  # a dialog without a close button we know: Escape, as a user would
+                from selenium.webdriver.common.action_chains import ActionChains
+                from selenium.webdriver.common.keys import Keys
+
+                ActionChains(self.d).send_keys(Keys.ESCAPE).perform()
+                time.sleep(0.7)
         assert not self.dialogs(), f"could not close the dialogs: {self.dialogs()}"
 
     def sidebar(self, tab: str):
         """Open a sidebar tab ('node-library', 'queue', 'templates' ...) by clicking its button."""
         if self.js("return app.extensionManager.sidebarTab.activeSidebarTabId") != tab:
-            self.click(f".{tab}-tab-button")
+            self.click(f".{tab}-tab-button, [data-testid={tab}-tab-button]")  # frontend 1.3x, 1.4x+
         self.wait_for(f"the {tab} sidebar", lambda: self.js(
             "return app.extensionManager.sidebarTab.activeSidebarTabId === arguments[0]"
             " && !!document.querySelector('.sidebar-content-container')", tab))

@@ -140,15 +140,69 @@ def search_node_library(page, query: str) -> list[str]:
     page.close_dialogs()
     page.sidebar("node-library")
     box = page.wait_for("the node library search box", lambda: next(
-        (e for e in page.d.find_elements(By.CSS_SELECTOR, ".sidebar-content-container input.search-box-input")
+        (e for e in page.d.find_elements(By.CSS_SELECTOR, ".sidebar-content-container input.search-box-input,"
+                                                          " .sidebar-content-container input[role=combobox]")
          if e.is_displayed()), None))
     box.click()
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(Keys.DELETE)
     box.send_keys(query)
     time.sleep(1.5)  # debounced search
-    return page.js("return [...document.querySelectorAll('.sidebar-content-container li.p-tree-node-leaf')]"
-                   ".map(li => li.getAttribute('aria-label'))")
+    return page.js(f"return [...document.querySelectorAll({LIBRARY_LEAVES!r})]"
+                   ".map(li => li.getAttribute('aria-label') || li.innerText.trim())")
+
+
+# The node library's node entries: PrimeVue tree leaves up to frontend 1.3x; since the new design
+# (1.4x+) tree items with the node icon (folders have another icon).
+LIBRARY_LEAVES = (".sidebar-content-container li.p-tree-node-leaf,"
+                  " .sidebar-content-container [role=treeitem]:has(> i[class*=comfy--node])")
+
+HELP_JS = """
+// The help page of node type args[0] (display name args[1]). Frontend 1.3x: the node library
+// entry's help button opens it in the sidebar. Since 1.4x: select the node on the canvas, open the
+// right side panel and its Info tab (the node library has no help button any more).
+const [nid, label] = args;
+const li = [...document.querySelectorAll('.sidebar-content-container li.p-tree-node-leaf')]
+  .find(li => li.getAttribute('aria-label') === label);
+const b = li && li.querySelector('.help-button');
+if (b) { b.click(); return 'sidebar'; }
+if (li) return null;
+const n = LiteGraph.createNode(nid); if (!n) return null;
+n.pos = [100, 100]; app.graph.add(n); app.canvas.deselectAll?.(); app.canvas.selectNode(n);
+window.__plugkitHelpNode = n;
+await app.extensionManager.setting.set('Comfy.RightSidePanel.IsOpen', true);
+for (let i = 0; i < 40 && !document.querySelector('.node-help-content'); i++) {
+  const tabs = [...document.querySelectorAll('[role=tab]')].filter(t => t.offsetParent);
+  const info = tabs.find(t => /^(Info|信息)$/.test(t.innerText.trim())) || tabs[Math.floor(i / 4) % Math.max(tabs.length, 1)];
+  if (info) info.click();
+  await new Promise(r => setTimeout(r, 250));
+}
+return document.querySelector('.node-help-content') ? 'panel' : null;
+"""
+
+CLOSE_HELP_JS = """
+const b = document.querySelector('.sidebar-content-container .pi-arrow-left');
+if (b) b.closest('button').click();
+const n = window.__plugkitHelpNode;
+if (n) { app.graph.remove(n); window.__plugkitHelpNode = null;
+         await app.extensionManager.setting.set('Comfy.RightSidePanel.IsOpen', false); }
+"""
+
+
+def open_help(page, nid: str, label: str):
+    """Open node ``nid``'s help page as a user does; returns where it opened, or None."""
+    search_node_library(page, "PlugKit")
+    return page.ajs(HELP_JS, nid, label)
+
+
+def help_html(page, label: str, where: str):
+    """The rendered help page, once it has loaded (in the sidebar its heading is the node's name)."""
+    head = ("const head = c && c.parentElement.querySelector('.font-semibold');"
+            "if (arguments[1] === 'sidebar' && !(head && head.innerText.trim() === arguments[0])) return null;")
+    return page.wait_for(f"the help page of {label}", lambda: page.js(
+        "const c = document.querySelector('.node-help-content');" + head +
+        "return c && c.innerText.trim() && !c.querySelector('.p-progressspinner, [class*=animate-spin]')"
+        " ? c.innerHTML : null", label, where), timeout=30)
 
 
 def test_node_library_lists_every_plugkit_node(page, server):
@@ -187,7 +241,7 @@ def run_from_page(page, server, path: Path, name: str) -> dict:
             break
     assert history is not None, "the server did not answer GET /history"
     before = set(history) | set(queue_ids())
-    page.click(".comfyui-queue-button button.p-splitbutton-button")  # the Run button
+    page.click_run()
 
     def queued():  # the prompt this click queued: one the server did not know before
         ids = queue_ids() + list(_get(server, "/history") or ())
@@ -266,6 +320,7 @@ def test_missing_node_is_detected(page, server, any_workflow, tmp_path):
         page.check_workflow_loaded(ui, broken.stem)
     dialog = page.missing_dialog()
     assert dialog and "PlugKitDoesNotExist" in dialog, page.dialogs()
+    page.close_notices()
     page.close_dialogs()
 
 
@@ -314,23 +369,14 @@ def test_help_pages_render(page, server):
     failures = []
     for nid, info in nodes.items():
         label = info.get("display_name") or nid
-        search_node_library(page, "PlugKit")
-        found = page.js(
-            "const li = [...document.querySelectorAll('.sidebar-content-container li.p-tree-node-leaf')]"
-            ".find(li => li.getAttribute('aria-label') === arguments[0]);"
-            "const b = li && li.querySelector('.help-button'); if (b) b.click(); return !!b", label)
-        if not found:
-            failures.append(f"{nid}: no help button for {label!r} in the node library")
+        where = open_help(page, nid, label)
+        if not where:
+            failures.append(f"{nid}: no help page for {label!r} (node library help button or Info panel)")
             continue
-        html = page.wait_for(f"the help page of {nid}", lambda: page.js(
-            "const c = document.querySelector('.node-help-content');"
-            "const head = c && c.parentElement.querySelector('.font-semibold');"
-            "return c && head && head.innerText.trim() === arguments[0] && c.innerText.trim()"
-            " && !c.querySelector('.p-progressspinner') ? c.innerHTML : null", label), timeout=30)
+        html = help_html(page, label, where)
         text = page.js("return document.querySelector('.node-help-content').innerText")
         page.shot(f"04_help_{nid}")
-        page.js("const b = document.querySelector('.sidebar-content-container .pi-arrow-left');"
-                "if (b) b.closest('button').click();")  # back to the node library
+        page.ajs(CLOSE_HELP_JS)  # back to the node library / the empty canvas
         md_path = REPO / "js" / "docs" / f"{nid}.md"
         if nid in no_page:
             continue
@@ -361,9 +407,9 @@ def test_workflows_in_template_browser(page, server):
         assert served == json.loads(p.read_text()), f"{p.name} is served differently"
 
     page.close_dialogs()
-    page.click(".templates-tab-button")
-    dlg = ("[...document.querySelectorAll('.p-dialog')]"
-           ".find(d => d.querySelector('[role=button]') && /Templates/.test(d.innerText))")
+    page.click(".templates-tab-button, button[aria-label=Templates]")  # frontend 1.3x, 1.4x+
+    dlg = ("[...document.querySelectorAll('.p-dialog, [role=dialog]')]"
+           ".find(d => d.querySelector('[role=button], button') && /Templates/.test(d.innerText))")
     page.wait_for("the template browser", lambda: page.js(f"return !!{dlg}"), timeout=60)
     time.sleep(1.0)
     clicked = page.js(
@@ -435,18 +481,14 @@ def test_chinese_interface_shows_our_node_names_and_help(page, server):
 
         nid = "PlugKitChangeMap" if "PlugKitChangeMap" in nodes else next(iter(nodes))
         label = want[nid]
-        found = page.js(
-            "const li = [...document.querySelectorAll('.sidebar-content-container li.p-tree-node-leaf')]"
-            ".find(li => li.getAttribute('aria-label') === arguments[0]);"
-            "const b = li && li.querySelector('.help-button'); if (b) b.click(); return !!b", label)
-        assert found, f"no help button for {label!r}"
+        found = page.ajs(HELP_JS, nid, label)
+        assert found, f"no help page for {label!r}"
         heading = _md_heading((REPO / "js" / "docs" / nid / "zh.md").read_text(encoding="utf-8"))
         page.wait_for(f"the Chinese help page of {nid}", lambda: page.js(
             "const c = document.querySelector('.node-help-content');"
             "return !!c && c.innerText.includes(arguments[0])", heading), timeout=30)
         page.shot("06_chinese_help_page")
-        page.js("const b = document.querySelector('.sidebar-content-container .pi-arrow-left');"
-                "if (b) b.closest('button').click();")
+        page.ajs(CLOSE_HELP_JS)
     finally:
         page.ajs("await app.extensionManager.setting.set('Comfy.Locale', 'en');")
         page.open_app()
