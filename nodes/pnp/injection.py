@@ -419,12 +419,15 @@ class PnPApplyModelWrapper:
         if chunk * chunks != n:
             chunk = n
         s = src_shape[0]
-        rows = torch.arange(chunk) % s
+        # one source row per source item, shared by every chunk (cond, uncond) and by every batch row
+        # it serves: a batch of B on one source adds 1 row, not B identical ones (2B+1 rows, not 3B)
+        n_src = s if chunk % s == 0 else chunk
+        rows = torch.arange(n_src) % s
         sigma = float(t.flatten()[0])
         traj = run.trajectory_on(x.device)
         src_x = traj.at(sigma).index_select(0, rows.to(traj.device)).to(device=x.device, dtype=x.dtype)
         x2 = torch.cat([x, src_x])
-        t2 = torch.cat([t, t[:1].expand(chunk)])
+        t2 = torch.cat([t, t[:1].expand(n_src)])
         src_kw = source.model_kwargs
         if c_crossattn is not None:
             src_c = src_kw.get("c_crossattn")
@@ -458,11 +461,15 @@ class PnPApplyModelWrapper:
             else:
                 kwargs2[key] = value
         options2 = dict(transformer_options)
-        options2["cond_or_uncond"] = cond_or_uncond + [0]
-        if "uuids" in transformer_options:
-            options2["uuids"] = list(transformer_options["uuids"]) + [SOURCE_UUID]
-        index = torch.cat([n + (torch.arange(n) % chunk), torch.arange(n, n + chunk)]).to(x.device)
-        return x2, t2, c_concat2, c_crossattn2, _pad_control(control, chunk), options2, kwargs2, index
+        if n_src == chunk:
+            # the source rows form one more chunk of the same size (a cond chunk, as the source prompt is one)
+            options2["cond_or_uncond"] = cond_or_uncond + [0]
+            if "uuids" in transformer_options:
+                options2["uuids"] = list(transformer_options["uuids"]) + [SOURCE_UUID]
+        # else (one shared source row for chunks of B > 1 rows): the row trails the batch outside the chunks;
+        # a patch that splits rows by len(cond_or_uncond) (x.shape[0] // chunks) still finds its chunks
+        index = torch.cat([n + (torch.arange(n) % chunk) % n_src, torch.arange(n, n + n_src)]).to(x.device)
+        return x2, t2, c_concat2, c_crossattn2, _pad_control(control, n_src), options2, kwargs2, index
 
 
 def bypassed_features_message(transformer_options: dict) -> str:

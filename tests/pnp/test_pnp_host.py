@@ -332,14 +332,33 @@ def test_intermediate_sigmas_are_interpolated_with_a_warning(pnp_env, caplog):
     assert any("between the inversion's sigmas" in r.getMessage() for r in caplog.records)
 
 
-def test_batch_of_two_shares_a_single_source(pnp_env):
+def _per_row_source(source, b):
+    """The same source repeated to ``b`` items: PnP then runs one source row per batch row (the
+    pre-issue-15 behaviour for a shared source: 3B rows per windowed call)."""
+    traj = source.trajectory
+    kw = {k: (v.repeat((b,) + (1,) * (v.dim() - 1)) if torch.is_tensor(v) else v) for k, v in source.model_kwargs.items()}
+    return dataclasses.replace(source, trajectory=type(traj)(traj.sigmas, traj.latents.repeat(1, b, 1, 1, 1)),
+                               model_kwargs=kw)
+
+
+@pytest.mark.parametrize("b", [2, 4])
+def test_a_batch_on_one_source_runs_one_source_row(pnp_env, b):
+    """Batch B on one shared source: 2B+1 rows per windowed U-Net call (not 3B), and the same result
+    as B per-row source copies within 1e-5. Fails with the old ``rows = arange(chunk)`` (3B rows)."""
+    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject
+
     env = pnp_env
-    lat = env["inverted"]["samples"].repeat(2, 1, 1, 1)
-    out = _sample(_inject(env["model"], env), env, latent=lat)
+    lat = env["inverted"]["samples"].repeat(b, 1, 1, 1)
+    out, sizes = _batch_sizes(env, lambda base: _inject(base, env), lambda pm: _sample(pm, env, latent=lat))
+    assert [n for _, n in sizes] == [2 * b + 1] * 4 + [2 * b]  # windows 0.8/0.5 of 5 steps: 4 with the source
+    ref_src = _per_row_source(env["source"], b)
+    ref, ref_sizes = _batch_sizes(env, lambda base: PlugKitPnPInject.execute(model=base, pnp_source=ref_src).result[0],
+                                  lambda pm: _sample(pm, env, latent=lat))
+    assert [n for _, n in ref_sizes] == [3 * b] * 4 + [2 * b]
+    assert out.shape[0] == b and (out - ref).abs().max() <= 1e-5
+    assert (out[0] - out[-1]).abs().max() <= 1e-5
     single = _sample(_inject(env["model"], env), env)
-    assert out.shape[0] == 2
-    assert torch.allclose(out[0], out[1], atol=1e-5)
-    assert torch.allclose(out[:1], single, atol=1e-3)
+    assert (out[:1] - single).abs().max() <= 1e-4
 
 
 def test_cooperates_with_core_freeu(pnp_env, comfy_nodes):
