@@ -651,7 +651,7 @@ def _identity_parts(model_patcher, model_options: dict):
     def add(kind, name, obj):
         while isinstance(obj, AttentionInjection):
             obj = obj.previous
-        if obj is None or isinstance(obj, FeatureInjectionResBlock):
+        if obj is None or isinstance(obj, (FeatureInjectionResBlock, PnPMemoryEstimate)):
             return
         key.append((kind, repr(name), id(obj)))
         refs.append(obj)
@@ -749,6 +749,56 @@ class PnPSampleWrapper:
             guider.model_options = orig_model_options
 
 
+class PnPMemoryEstimate:
+    """Object patch on the base model's ``memory_required``: ComfyUI's estimate of a U-Net call, plus
+    the source rows PnP adds to every call inside a window (``rows``: the source's batch, 1 for a
+    shared source). ComfyUI sizes its cond/uncond batches (``_calc_cond_batch``) and the model load
+    (``prepare_sampling``) from it. Conservative: the rows are counted at every call, also outside the
+    windows and where the source cache serves them."""
+
+    def __init__(self, previous: Callable, rows: int):
+        self.previous = previous
+        self.rows = int(rows)
+
+    def __repr__(self) -> str:
+        return f"PnPMemoryEstimate(rows={self.rows})"
+
+    def __call__(self, input_shape, cond_shapes={}):
+        shape = list(input_shape)
+        shape[0] = int(shape[0]) + self.rows
+        return self.previous(shape, cond_shapes=cond_shapes)
+
+
+class PnPPrepareSamplingWrapper:
+    """PREPARE_SAMPLING wrapper: ComfyUI estimates the run's memory from the noise shape before the
+    model (and so ``PnPMemoryEstimate``) is patched in; there the batch counts the source rows too."""
+
+    def __init__(self, rows: int):
+        self.rows = int(rows)
+
+    def __repr__(self) -> str:
+        return f"PnPPrepareSamplingWrapper(rows={self.rows})"
+
+    def __call__(self, executor, model, noise_shape, conds, *args, **kwargs):
+        if not isinstance(getattr(model.model, "memory_required", None), PnPMemoryEstimate):
+            noise_shape = [int(noise_shape[0]) + self.rows] + list(noise_shape[1:])
+        return executor(model, noise_shape, conds, *args, **kwargs)
+
+
+MEMORY_KEY = "memory_required"
+
+
+def remove_memory_estimate(m) -> None:
+    """Undo ``PnPMemoryEstimate`` on clone ``m`` (keeping another node's patch it wrapped)."""
+    est = m.object_patches.get(MEMORY_KEY)
+    if isinstance(est, PnPMemoryEstimate):
+        previous = est.previous
+        if getattr(previous, "__self__", None) is m.model:
+            del m.object_patches[MEMORY_KEY]
+        else:
+            m.object_patches[MEMORY_KEY] = previous
+
+
 def install(m, source, feature_share: float, attention_share: float,
             feature_blocks: tuple[int, ...], attention_blocks: tuple[int, ...], source_mode: str = "in-batch") -> None:
     """Install the hooks on ``m`` (a clone). Nothing is installed for a zero window."""
@@ -770,6 +820,10 @@ def install(m, source, feature_share: float, attention_share: float,
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
                            PnPSampleWrapper(source, feature_share, attention_share, source_mode, feature_keys,
                                             attention_keys))
+    rows = int(source.latent_shape[0])
+    m.add_object_patch(MEMORY_KEY, PnPMemoryEstimate(m.get_model_object(MEMORY_KEY), rows))
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY,
+                           PnPPrepareSamplingWrapper(rows))
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY, PnPPredictNoiseWrapper())
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, PnPApplyModelWrapper())
 

@@ -100,7 +100,7 @@ def _capture_source_inputs(store: dict, run_model: bool = True):
 
 
 PNP_WRAPPER_TYPES = (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.PREDICT_NOISE,
-                     comfy.patcher_extension.WrappersMP.APPLY_MODEL)
+                     comfy.patcher_extension.WrappersMP.APPLY_MODEL, comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING)
 
 
 def plain_clone(model):
@@ -108,6 +108,7 @@ def plain_clone(model):
     m = model.clone()
     for wtype in PNP_WRAPPER_TYPES:
         m.remove_wrappers_with_key(wtype, inj.WRAPPER_KEY)
+    inj.remove_memory_estimate(m)
     return m
 
 

@@ -495,7 +495,7 @@ def test_family_defaults_and_block_parsing():
 def test_custom_blocks_inject_where_asked(pnp_env):
     env = pnp_env
     pm = _inject(env["model"], env, feature_blocks="5", attention_blocks="none")
-    assert list(pm.object_patches) == ["diffusion_model.output_blocks.5.0"]
+    assert list(pm.object_patches) == ["diffusion_model.output_blocks.5.0", "memory_required"]
     assert "attn1" not in pm.model_options.get("transformer_options", {}).get("patches_replace", {})
     assert (_sample(pm, env) - _sample(env["model"], env)).abs().max() > 1e-3
 
@@ -541,7 +541,7 @@ def test_sdxl_uses_its_block_mapping_and_adm_input(tiny_sdxl, pnp_env):
                                         steps=4, inversion_steps=4).result
     assert src.family == "SDXL" and sorted(src.model_kwargs) == ["c_crossattn", "y"]
     pm = PlugKitPnPInject.execute(model=tiny_sdxl, pnp_source=src).result[0]
-    assert list(pm.object_patches) == ["diffusion_model.output_blocks.1.0"]
+    assert list(pm.object_patches) == ["diffusion_model.output_blocks.1.0", "memory_required"]
     keys = sorted(pm.model_options["transformer_options"]["patches_replace"]["attn1"])
     assert keys == [("output", 1, 0), ("output", 1, 1), ("output", 2, 0), ("output", 2, 1), ("output", 3, 0),
                     ("output", 4, 0), ("output", 5, 0)]
@@ -737,3 +737,60 @@ def test_source_cache_is_invalidated_by_model_prompt_and_schedule(pnp_env, comfy
     ref = _sample(inject(base, other_src, "in-batch"), env, latent=other_inv["samples"], scheduler="normal")
     assert (a - ref).abs().max() <= 1e-5
     assert sorted(src.cache.steps, reverse=True) == pytest.approx([float(s) for s in other_src.trajectory.sigmas[:4]])
+
+
+# ---- memory the sampler plans with (issue 15) ------------------------------------------------
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_comfy_memory_estimates_count_the_source_rows(pnp_env, monkeypatch, b):
+    """Both estimates ComfyUI uses grow by exactly the source rows: the model load's (prepare_sampling
+    -> load_models_gpu) and the cond/uncond batching's (``model.memory_required`` in _calc_cond_batch).
+    Fails without the object patch / the PREPARE_SAMPLING wrapper (then PnP's numbers equal plain's)."""
+    import comfy.model_management
+
+    env = pnp_env
+    model = env["model"]
+    base_cls = type(model.model)
+    lat = env["inverted"]["samples"].repeat(b, 1, 1, 1)
+    shape = list(lat.shape)
+
+    def plain_estimate(rows):
+        return base_cls.memory_required(model.model, [rows] + shape[1:], cond_shapes={})
+
+    loads, batching = [], []
+    real_load = comfy.model_management.load_models_gpu
+
+    def spy_load(models, *args, **kwargs):  # the real loader, its arguments recorded
+        loads.append((kwargs.get("memory_required"), kwargs.get("minimum_memory_required")))
+        return real_load(models, *args, **kwargs)
+
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu", spy_load)
+
+    def probe(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
+        # what _calc_cond_batch asks for a batch of the sampler's 2b rows, inside the run
+        batching.append(transformer_options["plugkit_probe_model"].memory_required([2 * b] + shape[1:], cond_shapes={}))
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
+
+    import comfy.patcher_extension
+
+    results = {}
+    comfy.model_management.unload_all_models()  # no clone's object patches on the base model
+    for name, m in (("plain", model.clone()), ("pnp", _inject(model, env))):
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_probe", probe)
+        m.model_options.setdefault("transformer_options", {})["plugkit_probe_model"] = m.model
+        loads.clear()
+        batching.clear()
+        _sample(m, env, latent=lat)
+        results[name] = (loads[0], batching[0])
+    (plain_max, plain_min), plain_batch = results["plain"]
+    (pnp_max, pnp_min), pnp_batch = results["pnp"]
+    assert plain_batch == pytest.approx(plain_estimate(2 * b)) and plain_max == pytest.approx(plain_estimate(2 * b))
+    assert pnp_batch == pytest.approx(plain_estimate(2 * b + 1))  # exactly one source row more
+    assert pnp_min == pytest.approx(plain_estimate(b + 1)) and plain_min == pytest.approx(plain_estimate(b))
+    assert pnp_max >= plain_estimate(2 * b + 1)
+    # a later run, the PnP model still loaded: its patched estimate counts the row once
+    loads.clear()
+    pm = _inject(model, env)
+    _sample(pm, env, latent=lat)
+    _sample(pm, env, latent=lat)
+    assert loads[-1][0] == pytest.approx(plain_estimate(2 * b + 1)) and loads[-1][1] == pytest.approx(plain_estimate(b + 1))
