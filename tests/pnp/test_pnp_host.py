@@ -689,6 +689,13 @@ def test_source_cache_equals_in_batch_and_skips_the_source_branch(pnp_env, mode,
     sizes.clear()
     _sample(PlugKitPnPInject.execute(model=base, pnp_source=src, source_mode=mode).result[0], env)
     assert sizes == [2, 2, 2, 2, 2]
+    # a batch of 2 reads the same one-row cache: 4 rows per call, equal to in-batch at batch 2
+    lat = env["inverted"]["samples"].repeat(2, 1, 1, 1)
+    sizes.clear()
+    two = _sample(pm, env, latent=lat)
+    assert sizes == [4] * 5
+    ref2 = _sample(PlugKitPnPInject.execute(model=base, pnp_source=src).result[0], env, latent=lat)
+    assert (two - ref2).abs().max() <= 5e-5 * float(ref2.abs().max())
 
 
 def test_source_cache_is_invalidated_by_model_prompt_and_schedule(pnp_env, comfy_nodes):
