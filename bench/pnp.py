@@ -1,38 +1,76 @@
 """Plug-and-Play benchmark: full-size SD1.5 U-Net (random weights), 64x64 latent, CPU, one run.
 
-Environment: ``PLUGKIT_PNP_BENCH_SIZE`` (px, default 512 = 64x64 latent; a 512 px run needs a few
-hundred full U-Net evaluations, i.e. hours on a busy 2-core CPU) and ``PLUGKIT_PNP_BENCH_INVERSION``
-(inversion step counts of table (d), default ``5,10,20,40``).
+Environment: ``PLUGKIT_PNP_BENCH_SIZE`` (px, default 512 = 64x64 latent; each 5-step CFG run takes
+minutes on a busy 2-core CPU), ``PLUGKIT_PNP_BENCH_RECON=1`` adds the reconstruction-vs-inversion
+table and the chord error (``PLUGKIT_PNP_BENCH_INVERSION``: step counts, default ``5,10,20,40``).
 
-(a) PnP sampling time / plain CFG sampling time, same sampler, scheduler and steps (default windows
-    0.8 / 0.5: the source branch adds one batch entry to two during 80% of the steps);
-(b) inversion time per step / plain CFG sampling time per step;
-(c) peak memory of PnP sampling vs plain sampling (the source is recomputed in-batch, nothing cached
-    per step; the stored trajectory's size is reported);
-(d) reconstruction error vs inversion steps (invert, then plain DDIM sampling with the inversion
-    prompt and no CFG), and the error of the chord interpolation used for sigmas off the schedule.
+Issue 15's items, ddim + ddim_uniform, 5 steps, CFG 7.5, default windows 0.8 / 0.5:
+(a) second and later runs with ``source_mode`` cache / plain CFG sampling (target <= 1.05x);
+(b) in-batch / plain (target <= 1.45x; batch sizes alone: 1.40x);
+(c) batch 4 on one source: rows per windowed U-Net call (9, not 12), counted at a 16x16 latent;
+(d) peak tensor memory of one injected step (in-batch, cache hit, plain), live tensor storage
+    measured op by op, plus the model's weights (what a GPU holds); the cache's size;
+(e) inversion per step / plain CFG sampling per step (target <= 0.55x);
+(f) the feature map's self-attention view: peak live tensor memory at 512 and 1024 px (SD1.5
+    block 9 shapes: 8 heads, 320 channels, (px/8)^2 tokens) vs the old float64 heads x N x N.
+Timed runs alternate (plain, in-batch, cache first run, cache, inversion, then again), one
+model-loading warm-up step first.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import time
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 log = logging.getLogger(__name__)
 
 STEPS = 5  # ddim_uniform: 5 steps; feature window int(5*0.8) = 4 steps, attention int(5*0.5) = 2
 SIZE = int(os.environ.get("PLUGKIT_PNP_BENCH_SIZE", 512))  # px; 512 -> the issue's 64x64 latent
+RECON = os.environ.get("PLUGKIT_PNP_BENCH_RECON", "") not in ("", "0")
 INVERSION_STEPS = tuple(int(v) for v in os.environ.get("PLUGKIT_PNP_BENCH_INVERSION", "5,10,20,40").split(","))
 
 
-def _source_latent(vae) -> torch.Tensor:
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storage allocated inside the mode (views counted once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def _release(self, ptr):
+        entry = self.live[ptr]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.live[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.numel():
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in self.live:
+                    size = t.untyped_storage().nbytes()
+                    self.live[ptr] = [size, 0]
+                    self.now += size
+                    self.peak = max(self.peak, self.now)
+                self.live[ptr][1] += 1
+                weakref.finalize(t, self._release, ptr)
+        return out
+
+
+def _source_latent(vae, size=SIZE) -> torch.Tensor:
     from PIL import Image
     import numpy as np
 
     path = Path(__file__).resolve().parent.parent / "workflows" / "input" / "pnp_source.png"
-    img = Image.open(path).convert("RGB").resize((SIZE, SIZE), Image.Resampling.LANCZOS)
+    img = Image.open(path).convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
     pixels = torch.from_numpy(np.asarray(img).astype(np.float32) / 255.0)[None]
     return vae.encode(pixels[:, :, :, :3])
 
@@ -48,17 +86,27 @@ def run(ctx) -> str:
         torch.set_num_threads(threads)
 
 
+def _timed(fn):
+    gc.collect()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def _run(ctx) -> str:
+    import dataclasses
+
+    import comfy.ldm.modules.attention as attention_mod
+
     from tools.models import sample
 
-    from plugkit.nodes.pnp.ddim_inversion import SourceTrajectory, ddim_invert, subdivide_schedule
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject, PlugKitPnPInvert, input_scale, timestep_warp
+    from plugkit.nodes.pnp.feature_pca import attention_principal_components
+    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject, PlugKitPnPInvert
 
     model, clip, vae = ctx.sd15_full()
 
     def encode(text):
-        tokens = clip.tokenize(text)
-        return clip.encode_from_tokens_scheduled(tokens)
+        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
     empty = encode("")
     target = encode("a photo of a golden orange on a wooden table")
@@ -66,50 +114,140 @@ def _run(ctx) -> str:
     latent = _source_latent(vae)
     log.info("pnp bench: latent %s", tuple(latent.shape))
 
-    def invert(inversion_steps=STEPS):
-        return PlugKitPnPInvert.execute(model=model, samples={"samples": latent}, conditioning=empty, steps=STEPS,
-                                        inversion_steps=inversion_steps).result
+    def invert(lat=latent, inversion_steps=STEPS):
+        return PlugKitPnPInvert.execute(model=model, samples={"samples": lat}, conditioning=empty, steps=STEPS,
+                                        inversion_steps=inversion_steps, source_prompt=empty).result
 
     source, inverted = invert()
-    pnp_model = PlugKitPnPInject.execute(model=model, pnp_source=source).result[0]
 
-    def sampled(m, cond=target, neg=negative, cfg=7.5, lat=None):
-        return sample(m, inverted["samples"] if lat is None else lat, cond, neg, steps=STEPS, cfg=cfg,
-                      sampler="ddim", scheduler="ddim_uniform", add_noise=False)
+    def inject(src, mode="in-batch", m=model):
+        return PlugKitPnPInject.execute(model=m, pnp_source=src, source_mode=mode).result[0]
 
-    times = ctx.alternate({
-        "plain CFG sampling": lambda: sampled(model),
-        "PnP sampling": lambda: sampled(pnp_model),
-        "inversion": lambda: invert(),
-    }, repeats=min(ctx.repeats, 3))
-    med = {k: ctx.median(v) for k, v in times.items()}
+    in_batch = inject(source)
+    cache_src = dataclasses.replace(source)  # its own cache
+    cached = inject(cache_src, "cache")
+
+    def sampled(m, lat=None, **kw):
+        return sample(m, inverted["samples"] if lat is None else lat, target, negative, steps=STEPS, cfg=7.5,
+                      sampler="ddim", scheduler="ddim_uniform", add_noise=False, **kw)
+
+    one_step = dict(start_step=0, last_step=1, force_full_denoise=False)
+    log.info("pnp bench: warm-up (one step, loads the model)")
+    sampled(model, **one_step)
+    times = {k: [] for k in ("plain CFG sampling", "PnP in-batch", "PnP cache, first run", "PnP cache, later run",
+                             "inversion")}
+    order = [("plain CFG sampling", lambda: sampled(model)), ("PnP in-batch", lambda: sampled(in_batch)),
+             ("PnP cache, first run", lambda: sampled(cached)), ("PnP cache, later run", lambda: sampled(cached)),
+             ("inversion", lambda: invert()),
+             ("plain CFG sampling", lambda: sampled(model)), ("PnP in-batch", lambda: sampled(in_batch)),
+             ("PnP cache, later run", lambda: sampled(cached))]
+    for name, fn in order:
+        if name == "PnP cache, first run":
+            cache_src.cache.reset(None)
+        times[name].append(_timed(fn))
+        log.info("pnp bench: %s %.1f s", name, times[name][-1])
+    med = {k: ctx.median(v) for k, v in times.items() if v}
     n_steps = source.trajectory.sigmas.numel() - 1
-    rows = [("plain CFG sampling", med["plain CFG sampling"]), ("PnP sampling", med["PnP sampling"]),
-            ("inversion", med["inversion"])]
-    ratio_a = med["PnP sampling"] / med["plain CFG sampling"]
-    ratio_b = (med["inversion"] / source.inversion_steps) / (med["plain CFG sampling"] / n_steps)
+    ratio_a = med["PnP cache, later run"] / med["plain CFG sampling"]
+    ratio_b = med["PnP in-batch"] / med["plain CFG sampling"]
+    ratio_e = (med["inversion"] / source.inversion_steps) / (med["plain CFG sampling"] / n_steps)
+    cache_bytes = cache_src.cache.nbytes()
+    cache_sigmas = len(cache_src.cache.steps)
 
-    mem_plain = ctx.peak_memory(lambda: sampled(model))
-    mem_pnp = ctx.peak_memory(lambda: sampled(pnp_model))
-    from tools.bench import _rss_bytes
+    # (d) peak live tensor memory of the first (injected) step, plus the weights
+    weights = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters())
+    mem = {}
+    for name, m in (("plain CFG sampling", model), ("PnP cache, later run", cached), ("PnP in-batch", in_batch)):
+        gc.collect()
+        with LiveTensorBytes() as tracker:
+            sampled(m, **one_step)
+        mem[name] = tracker.peak
+        log.info("pnp bench: peak tensors, one step, %s: %.0f MiB", name, tracker.peak / 2**20)
 
-    base = _rss_bytes()
-    ratio_c = (base + mem_pnp) / (base + mem_plain)
+    # (c) rows per U-Net call, batch 4 on one source (16x16 latent: counts do not depend on size)
+    rows = []
 
-    # (d) reconstruction error vs inversion steps
+    def count(q, k, v, extra):
+        if extra.get("block_index", 0) == 0:
+            rows.append(q.shape[0])
+        return attention_mod.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
+                                                 transformer_options=extra)
+
+    small = torch.nn.functional.interpolate(latent, size=(16, 16), mode="area")
+    small_src, small_inv = invert(small)
+    counting = model.clone()
+    counting.set_model_attn1_replace(count, "output", 4, 0)
+    sample(inject(small_src, m=counting), small_inv["samples"].repeat(4, 1, 1, 1), target, negative, steps=STEPS,
+           cfg=7.5, sampler="ddim", scheduler="ddim_uniform", add_noise=False)
+    rows_c = list(rows)
+
+    # (f) the feature map's self-attention view (SD1.5 block 9 shapes, random q/k)
+    view = []
+    for px, passes in ((512, 400), (1024, 1)):
+        n = (px // 8) ** 2
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(n, 320, generator=g)
+        k = torch.randn(n, 320, generator=g)
+        gc.collect()
+        t0 = time.perf_counter()
+        with LiveTensorBytes() as tracker:
+            attention_principal_components(q, k, 8, 3, max_passes=passes)
+        view.append((px, n, tracker.peak, 8 * n * n * 8, time.perf_counter() - t0, passes))
+        log.info("pnp bench: attention view %d px: %.0f MiB", px, tracker.peak / 2**20)
+
+    rows_table = ctx.ratio_table([(k, med[k]) for k in times if k in med], "plain CFG sampling")
+    mib = 2**20
+    lines = [
+        "## Plug-and-Play",
+        f"Full-size SD1.5 U-Net (random weights with a pass-through path), {SIZE}x{SIZE} px "
+        f"({SIZE // 8}x{SIZE // 8} latent), CPU fp32 (1 thread), ddim + ddim_uniform, {n_steps} steps, CFG 7.5, "
+        f"windows 0.8 / 0.5 (source branch in {int(n_steps * 0.8)} of {n_steps} steps), inversion with "
+        f"{source.inversion_steps} steps. Timed runs alternate; medians of {len(times['plain CFG sampling'])} "
+        f"(cache first run and inversion: 1).",
+        "",
+        rows_table,
+        "",
+        f"- (a) cache, later runs / plain CFG sampling: **{ratio_a:.3f}x** (target <= 1.05x); the cache's "
+        f"first run: {med['PnP cache, first run'] / med['plain CFG sampling']:.3f}x",
+        f"- (b) in-batch / plain: **{ratio_b:.3f}x** (target <= 1.45x)",
+        f"- (c) batch 4 on one source, rows per U-Net call: {rows_c} (9 inside the windows, 8 after)",
+        f"- (d) peak live tensors during one injected step: plain {mem['plain CFG sampling'] / mib:.0f} MiB, "
+        f"cache {mem['PnP cache, later run'] / mib:.0f} MiB, in-batch {mem['PnP in-batch'] / mib:.0f} MiB; with the "
+        f"U-Net's {weights / mib:.0f} MiB of weights: in-batch "
+        f"**{((weights + mem['PnP in-batch']) / (weights + mem['plain CFG sampling']) - 1) * 100:+.1f}%**, cache "
+        f"{((weights + mem['PnP cache, later run']) / (weights + mem['plain CFG sampling']) - 1) * 100:+.1f}% "
+        f"(target <= +10%). Cache: {cache_sigmas} sigmas, {cache_bytes / mib:.0f} MiB in fp32 "
+        f"({cache_bytes / 2 / mib:.0f} MiB where the model runs fp16; at 50 steps x10).",
+        f"- (e) inversion per step / plain CFG sampling per step: **{ratio_e:.3f}x** (target <= 0.55x)",
+        "- (f) feature map, self-attention view (block 9 shapes, 8 heads, 320 channels), peak live tensors:",
+        "",
+        "| image | tokens N | bounded view | old float64 heads x N x N | time (s) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {px} px | {n} | {peak / mib:.0f} MiB | {old / mib:.0f} MiB | {t:.1f}"
+              f"{'' if passes > 1 else ' (1 Lanczos pass: memory only)'} |" for px, n, peak, old, t, passes in view]
+    if RECON:
+        lines += ["", *_reconstruction(ctx, model, latent, empty, invert, source)]
+    return "\n".join(lines)
+
+
+def _reconstruction(ctx, model, latent, empty, invert, source) -> list:
+    """The reconstruction-vs-inversion table and the chord error (PLUGKIT_PNP_BENCH_RECON=1)."""
+    import comfy.model_management
+    import comfy.samplers
+
+    from tools.models import sample
+
+    from plugkit.nodes.pnp.ddim_inversion import SourceTrajectory, ddim_invert, subdivide_schedule
+    from plugkit.nodes.pnp.nodes_pnp import input_scale, timestep_warp
+
     recon = []
     for inv_steps in INVERSION_STEPS:
-        src, inv = invert(inv_steps)
+        src, inv = invert(inversion_steps=inv_steps)
         rec = sample(model, inv["samples"], empty, empty, steps=STEPS, cfg=1.0, sampler="ddim",
                      scheduler="ddim_uniform", add_noise=False)
         err = float((rec - latent).pow(2).mean().sqrt() / latent.pow(2).mean().sqrt())
         recon.append((inv_steps, src.inversion_steps, err))
-
-    # chord interpolation error: invert with 4 substeps keeping every latent, compare the chord
-    # between the stored (coarse) points with the fine latents in between.
-    import comfy.model_management
-    import comfy.samplers
-
     comfy.model_management.load_models_gpu([model])
     ms = model.get_model_object("model_sampling")
     coarse = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", STEPS).float()
@@ -128,38 +266,12 @@ def _run(ctx) -> str:
     traj = SourceTrajectory(coarse, torch.stack([all_lat[p] for p in reversed(pos)]))
     chord = []
     for i, s in enumerate(fine.tolist()):
-        if i in pos:
-            continue
-        actual = all_lat[i]
-        est = traj.at(s)
-        chord.append(float((est - actual).pow(2).mean().sqrt() / actual.pow(2).mean().sqrt()))
-
-    lines = [
-        "## Plug-and-Play",
-        f"Full-size SD1.5 U-Net (random weights with a pass-through path), {SIZE}x{SIZE} px "
-        f"({SIZE // 8}x{SIZE // 8} latent), CPU fp32 (1 thread), ddim + ddim_uniform, {n_steps} steps, CFG 7.5, "
-        f"windows 0.8 / 0.5 (source branch in {int(n_steps * 0.8)} of {n_steps} steps), inversion with "
-        f"{source.inversion_steps} steps.",
-        "",
-        ctx.ratio_table(rows, "plain CFG sampling"),
-        "",
-        f"- (a) PnP sampling / plain CFG sampling: **{ratio_a:.3f}x** (target <= 1.55x)",
-        f"- (b) inversion per step / plain CFG sampling per step: **{ratio_b:.3f}x** (target <= 0.55x)",
-        f"- (c) peak memory, PnP vs plain: **{(ratio_c - 1) * 100:+.1f}%** of the process peak "
-        f"(target <= +10%); growth during sampling {mem_plain / 2**20:.0f} MiB plain, {mem_pnp / 2**20:.0f} MiB PnP, "
-        f"over a {base / 2**20:.0f} MiB process. No per-step feature cache: the stored trajectory is "
-        f"{source.nbytes() / 2**20:.2f} MiB.",
-        "",
-        "(d) Reconstruction (invert, then plain DDIM sampling back with the inversion prompt, no CFG); "
-        "relative RMS error in latent space:",
-        "",
-        "| inversion_steps (input) | model evaluations | relative RMS error |",
-        "|---:|---:|---:|",
-    ]
+        if i not in pos:
+            actual = all_lat[i]
+            chord.append(float((traj.at(s) - actual).pow(2).mean().sqrt() / actual.pow(2).mean().sqrt()))
+    lines = ["(g) Reconstruction (invert, then plain DDIM back with the inversion prompt, no CFG), relative RMS:",
+             "", "| inversion_steps (input) | model evaluations | relative RMS error |", "|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {e:.4f} |" for a, b, e in recon]
-    lines += [
-        "",
-        f"Chord interpolation for sigmas off the stored schedule (4 inversion substeps, {len(chord)} "
-        f"intermediate sigmas): relative RMS error median {ctx.median(chord):.2e}, max {max(chord):.2e}.",
-    ]
-    return "\n".join(lines)
+    lines += ["", f"Chord interpolation (4 substeps, {len(chord)} intermediate sigmas): relative RMS error median "
+              f"{ctx.median(chord):.2e}, max {max(chord):.2e}."]
+    return lines

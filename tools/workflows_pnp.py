@@ -56,7 +56,7 @@ def build(info: dict):
                  inversion_steps=INVERSION_STEPS, scheduler="ddim_uniform", inversion_resolution="inversion_steps",
                  source_prompt=empty[0])  # the source branch's prompt: empty, as the official code
     inj = wf.add("PlugKitPnPInject", model=ckpt[0], pnp_source=inv[0], feature_injection=0.8,
-                 attention_injection=0.5, feature_blocks="", attention_blocks="")
+                 attention_injection=0.5, feature_blocks="", attention_blocks="", source_mode="in-batch")
     pos = wf.add("CLIPTextEncode", title="Target prompt", clip=ckpt[1],
                  text="a photo of a golden orange on a wooden table")
     neg = wf.add("CLIPTextEncode", title="Negative prompt (official)", clip=ckpt[1],

@@ -26,6 +26,7 @@ import contextvars
 import logging
 import math
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -78,9 +79,23 @@ class InjectionCall:
     attention: bool = False
     observe: Optional[Callable[..., None]] = None
     features_taken: int = 0  # feature injections that ran (0 in a window: another patch bypassed them)
+    n_target: int = 0  # rows before the source rows (the sampler's own batch)
+    record: Optional[dict] = None  # in-batch call filling the source cache: layer -> source rows' tensor
+    cached: Optional[dict] = None  # cache hit (no source rows in the batch): layer -> source rows' tensor
+    cached_index: Optional[torch.Tensor] = None  # cache hit: the cached row of every batch row
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
         idx = self.index if self.index.device == t.device else self.index.to(t.device)
+        return t.index_select(0, idx)
+
+    def from_cache(self, key, like: torch.Tensor) -> torch.Tensor:
+        """The cached source tensor ``key`` for every row of the batch, on ``like``'s device and dtype."""
+        t = self.cached.get(key)
+        if t is None:
+            raise RuntimeError(f"PlugKitPnPInject: the source cache holds no {key[0]} for decoder block "
+                               f"{key[1]}; set source_mode to 'in-batch' (and report this).")
+        t = t.to(device=like.device, dtype=like.dtype, non_blocking=True)
+        idx = self.cached_index if self.cached_index.device == t.device else self.cached_index.to(t.device)
         return t.index_select(0, idx)
 
 
@@ -207,11 +222,9 @@ class FeatureInjectionResBlock(ResBlock):
     def _plain(self) -> ResBlock:
         return self._plain_ref[0]
 
-    def forward(self, x, emb):
-        call = _CALL.get()
-        if call is None or not (call.features or call.observe is not None) or x.shape[0] != call.n_total:
-            return self._plain(x, emb)
-        # ResBlock._forward (ComfyUI 0.3.75), with the residual branch exposed before the skip add.
+    def _residual(self, x, emb):
+        """(x after the block's resampling, the residual branch) -- ResBlock._forward (ComfyUI 0.3.75)
+        up to the skip add."""
         if self.updown:
             in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
             h = in_rest(x)
@@ -239,12 +252,38 @@ class FeatureInjectionResBlock(ResBlock):
                     emb_out = emb_out.movedim(1, 2)
                 h = h + emb_out
             h = self.out_layers(h)
-        if call.observe is not None:
+        return x, h
+
+    def forward(self, x, emb):
+        call = _CALL.get()
+        if call is None or not (call.features or call.observe is not None) or x.shape[0] != call.n_total:
+            return self._plain(x, emb)
+        if call.observe is not None:  # PlugKitFeatureMap: every row's own features
+            x, h = self._residual(x, emb)
             call.observe("features", self.block_id, h)
-        if call.features and call.index is not None:
-            h = call.take(h)
+            if call.features and call.index is not None:
+                h = call.take(h)
+                call.features_taken += 1
+            return self.skip_connection(x) + h
+        if call.cached is not None:  # cache hit: every row takes the cached source features
+            if self.updown:
+                x = self.x_upd(x)
+            skip = self.skip_connection(x)
             call.features_taken += 1
-        return self.skip_connection(x) + h
+            return skip + call.from_cache(("features", self.block_id), skip)
+        if call.index is None:
+            return self._plain(x, emb)
+        # in-batch: the target rows' residual branch is overwritten, so only the source rows compute it
+        n = call.n_target
+        emb_src = emb[n:] if torch.is_tensor(emb) and emb.dim() > 0 and emb.shape[0] == x.shape[0] else emb
+        _, h_src = self._residual(x[n:], emb_src)
+        if call.record is not None:
+            call.record[("features", self.block_id)] = h_src
+        if self.updown:
+            x = self.x_upd(x)
+        idx = call.index if call.index.device == h_src.device else call.index.to(h_src.device)
+        call.features_taken += 1
+        return self.skip_connection(x) + h_src.index_select(0, idx - n)
 
 
 class AttentionInjection:
@@ -261,7 +300,15 @@ class AttentionInjection:
         if call is not None and q.shape[0] == call.n_total:
             if call.observe is not None:
                 call.observe("attention", extra_options.get("block"), q, k, extra_options)
-            if call.attention and call.index is not None:
+            if call.attention and call.cached is not None:  # cache hit
+                where = (tuple(extra_options.get("block") or ()), int(extra_options.get("block_index", 0)))
+                q = call.from_cache(("q",) + where, q)
+                k = call.from_cache(("k",) + where, k)
+            elif call.attention and call.index is not None:
+                if call.record is not None:
+                    where = (tuple(extra_options.get("block") or ()), int(extra_options.get("block_index", 0)))
+                    call.record[("q",) + where] = q[call.n_target:]
+                    call.record[("k",) + where] = k[call.n_target:]
                 q = call.take(q)
                 k = call.take(k)
         if self.previous is not None:
@@ -303,6 +350,11 @@ class PnPRun:
     warned: set = field(default_factory=set)
     calls_injected: int = 0
     steps_injected: list = field(default_factory=list)
+    cache: Any = None  # the source's SourceCache (source_mode 'cache' / 'cache on CPU'), else None
+    feature_keys: tuple = ()  # the cache layers a feature-window / attention-window call needs
+    attention_keys: tuple = ()
+    cache_hits: int = 0  # model calls served from the cache (no source rows)
+    cache_stores: int = 0  # model calls that ran the source in-batch and filled the cache
 
     def warn_once(self, key: str, msg: str, *args) -> None:
         if key not in self.warned:
@@ -349,6 +401,17 @@ class PnPRun:
         return i < injection_steps(n, self.feature_share), i < injection_steps(n, self.attention_share)
 
 
+def _cached_index(entry: dict, n: int, transformer_options: dict) -> Optional[torch.Tensor]:
+    """For a cache hit: the cached source row of each of the ``n`` batch rows (as in ``_extend``),
+    or None when the cached rows do not fit this batch's chunks."""
+    n_src = next(iter(entry.values())).shape[0] if entry else 1
+    chunks = max(len(transformer_options.get("cond_or_uncond", [0])), 1)
+    chunk = n // chunks if (n // chunks) * chunks == n else n
+    if chunk % n_src != 0:
+        return None
+    return (torch.arange(n) % chunk) % n_src
+
+
 def _pad_control(control, n_extra: int):
     if control is None:
         return None
@@ -390,17 +453,36 @@ class PnPApplyModelWrapper:
                           "there the source latent is interpolated on the chord between its neighbours (exact "
                           "only when each step was inverted in one evaluation). ddim, euler, heun, dpmpp_2m, "
                           "uni_pc evaluate only on the schedule.", sigma)
+        n = x.shape[0]
+        if run.cache is not None and tuple(x.shape[1:]) == tuple(run.source.trajectory.shape[1:]):
+            needed = (run.feature_keys if features else ()) + (run.attention_keys if attention else ())
+            entry = run.cache.lookup(sigma, needed)
+            index = _cached_index(entry, n, transformer_options) if entry is not None else None
+            if index is not None:  # the source branch at this sigma is cached: the plain batch runs
+                run.calls_injected += 1
+                run.cache_hits += 1
+                run.steps_injected.append((run.step_of(sigma), features, attention))
+                with call_scope(InjectionCall(n_total=n, index=None, features=features, attention=attention,
+                                              n_target=n, cached=entry, cached_index=index.to(x.device))) as call:
+                    out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+                if features and call.features_taken == 0:
+                    raise RuntimeError(bypassed_features_message(transformer_options))
+                return out
         extended = self._extend(run, x, t, c_concat, c_crossattn, control, transformer_options, kwargs)
         if extended is None:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         x2, t2, c_concat2, c_crossattn2, control2, options2, kwargs2, index = extended
-        n = x.shape[0]
         run.calls_injected += 1
         run.steps_injected.append((run.step_of(sigma), features, attention))
-        with call_scope(InjectionCall(n_total=x2.shape[0], index=index, features=features, attention=attention)) as call:
+        record = {} if run.cache is not None else None
+        with call_scope(InjectionCall(n_total=x2.shape[0], index=index, features=features, attention=attention,
+                                      n_target=n, record=record)) as call:
             out = executor(x2, t2, c_concat2, c_crossattn2, control2, options2, **kwargs2)
         if features and call.index is not None and call.features_taken == 0:
             raise RuntimeError(bypassed_features_message(options2))
+        if record:
+            run.cache.store(sigma, record)
+            run.cache_stores += 1
         return out[:n]
 
     @staticmethod
@@ -419,12 +501,15 @@ class PnPApplyModelWrapper:
         if chunk * chunks != n:
             chunk = n
         s = src_shape[0]
-        rows = torch.arange(chunk) % s
+        # one source row per source item, shared by every chunk (cond, uncond) and by every batch row
+        # it serves: a batch of B on one source adds 1 row, not B identical ones (2B+1 rows, not 3B)
+        n_src = s if chunk % s == 0 else chunk
+        rows = torch.arange(n_src) % s
         sigma = float(t.flatten()[0])
         traj = run.trajectory_on(x.device)
         src_x = traj.at(sigma).index_select(0, rows.to(traj.device)).to(device=x.device, dtype=x.dtype)
         x2 = torch.cat([x, src_x])
-        t2 = torch.cat([t, t[:1].expand(chunk)])
+        t2 = torch.cat([t, t[:1].expand(n_src)])
         src_kw = source.model_kwargs
         if c_crossattn is not None:
             src_c = src_kw.get("c_crossattn")
@@ -458,11 +543,15 @@ class PnPApplyModelWrapper:
             else:
                 kwargs2[key] = value
         options2 = dict(transformer_options)
-        options2["cond_or_uncond"] = cond_or_uncond + [0]
-        if "uuids" in transformer_options:
-            options2["uuids"] = list(transformer_options["uuids"]) + [SOURCE_UUID]
-        index = torch.cat([n + (torch.arange(n) % chunk), torch.arange(n, n + chunk)]).to(x.device)
-        return x2, t2, c_concat2, c_crossattn2, _pad_control(control, chunk), options2, kwargs2, index
+        if n_src == chunk:
+            # the source rows form one more chunk of the same size (a cond chunk, as the source prompt is one)
+            options2["cond_or_uncond"] = cond_or_uncond + [0]
+            if "uuids" in transformer_options:
+                options2["uuids"] = list(transformer_options["uuids"]) + [SOURCE_UUID]
+        # else (one shared source row for chunks of B > 1 rows): the row trails the batch outside the chunks;
+        # a patch that splits rows by len(cond_or_uncond) (x.shape[0] // chunks) still finds its chunks
+        index = torch.cat([n + (torch.arange(n) % chunk) % n_src, torch.arange(n, n + n_src)]).to(x.device)
+        return x2, t2, c_concat2, c_crossattn2, _pad_control(control, n_src), options2, kwargs2, index
 
 
 def bypassed_features_message(transformer_options: dict) -> str:
@@ -546,16 +635,86 @@ def _with_step_callback(run: PnPRun, args: tuple, kwargs: dict):
     return tuple(args), kwargs
 
 
-class PnPSampleWrapper:
-    """OUTER_SAMPLE wrapper: validates the run and owns its state (reset in ``finally``)."""
+SOURCE_MODES = ("in-batch", "cache", "cache on CPU")
 
-    def __init__(self, source, feature_share: float, attention_share: float):
+
+def _identity_parts(model_patcher, model_options: dict):
+    """(key, strong refs) of what the source branch's tensors depend on besides the source itself:
+    the base model, its weight patches (``patches_uuid``) and dtype, and every other node's object
+    patch, transformer patch, attention replace, wrapper and model function wrapper (by identity;
+    PnP's own hooks are left out, they do not change the source rows)."""
+    base = model_patcher.model
+    key = [("model", id(base)), ("weights", str(getattr(model_patcher, "patches_uuid", None))),
+           ("dtype", str(model_patcher.model_dtype()), str(getattr(base, "manual_cast_dtype", None)))]
+    refs = []
+
+    def add(kind, name, obj):
+        while isinstance(obj, AttentionInjection):
+            obj = obj.previous
+        if obj is None or isinstance(obj, (FeatureInjectionResBlock, PnPMemoryEstimate)):
+            return
+        key.append((kind, repr(name), id(obj)))
+        refs.append(obj)
+
+    for name, obj in model_patcher.object_patches.items():
+        add("object", name, obj)
+    to = model_options.get("transformer_options", {}) or {}
+    for name, lst in (to.get("patches") or {}).items():
+        for i, f in enumerate(lst):
+            add("patch", (name, i), f)
+    for name, d in (to.get("patches_replace") or {}).items():
+        for where, f in d.items():
+            add("replace", (name, where), f)
+    for wtype, d in (to.get("wrappers") or {}).items():
+        for wkey, lst in d.items():
+            if wkey != WRAPPER_KEY:
+                for i, f in enumerate(lst):
+                    add("wrapper", (wtype, wkey, i), f)
+    add("model_function_wrapper", "", model_options.get("model_function_wrapper"))
+    return tuple(sorted(key, key=repr)), refs
+
+
+def cache_layers(feature_blocks, attention_layers) -> tuple[tuple, tuple]:
+    """The cache keys a feature-window call and an attention-window call need."""
+    feats = tuple(("features", int(i)) for i in feature_blocks)
+    attn = tuple((kind, ("output", int(i)), int(j)) for i, j in attention_layers for kind in ("q", "k"))
+    return feats, attn
+
+
+class PnPSampleWrapper:
+    """OUTER_SAMPLE wrapper: validates the run and owns its state (reset in ``finally``).
+
+    Holds only configuration (shared by clones). With ``source_mode`` 'cache' / 'cache on CPU' the
+    run uses the source's own ``SourceCache`` (kept with the PLUGKIT_PNP_SOURCE, keyed by the source's
+    digest and the model's identity and patches): cached sigmas skip the source branch, the others run
+    it in-batch and fill the cache.
+    """
+
+    def __init__(self, source, feature_share: float, attention_share: float, source_mode: str = "in-batch",
+                 feature_keys: tuple = (), attention_keys: tuple = ()):
         self.source = source
         self.feature_share = float(feature_share)
         self.attention_share = float(attention_share)
+        self.source_mode = source_mode
+        self.feature_keys = tuple(feature_keys)
+        self.attention_keys = tuple(attention_keys)
 
     def __repr__(self) -> str:
-        return f"PnPSampleWrapper(features={self.feature_share}, attention={self.attention_share})"
+        return (f"PnPSampleWrapper(features={self.feature_share}, attention={self.attention_share}, "
+                f"source_mode={self.source_mode!r})")
+
+    def _cache_for(self, guider, node: str):
+        mp = guider.model_patcher
+        key, refs = _identity_parts(mp, guider.model_options)
+        on_cpu = self.source_mode == "cache on CPU"
+        key = (self.source.digest(), key, on_cpu)
+        cache = self.source.cache
+        model_ref = weakref.ref(mp.model)
+        if cache.key == key and not (cache.refs and cache.refs[0]() is mp.model):
+            cache.reset(None)  # same ids, another model object: never reuse
+        if cache.reset(key, (model_ref, *refs), on_cpu):
+            log.debug("%s: source cache found (%d sigmas, %.1f MiB)", node, len(cache.steps), cache.nbytes() / 2**20)
+        return cache
 
     def __call__(self, executor, *args, **kwargs):
         guider = executor.class_obj
@@ -567,7 +726,10 @@ class PnPSampleWrapper:
         offset = check_schedule(self.source, noise, got["sigmas"], node)
         sampler_fn = getattr(got["sampler"], "sampler_function", None)
         extra = extra_evaluations(getattr(sampler_fn, "__name__", ""), got["sigmas"])
-        run = PnPRun(self.source, self.feature_share, self.attention_share, offset=offset, extra=extra)
+        run = PnPRun(self.source, self.feature_share, self.attention_share, offset=offset, extra=extra,
+                     feature_keys=self.feature_keys, attention_keys=self.attention_keys)
+        if self.source_mode != "in-batch":
+            run.cache = self._cache_for(guider, node)
         if extra is not None:
             args, kwargs = _with_step_callback(run, args, kwargs)
         orig_model_options = guider.model_options
@@ -575,29 +737,93 @@ class PnPSampleWrapper:
             guider.model_options = comfy.model_patcher.create_model_options_clone(orig_model_options)
             guider.model_options.setdefault("transformer_options", {})[RUN_KEY] = run
             out = executor(*args, **kwargs)
-            log.debug("%s: %d model calls ran the source branch (steps %s)", node, run.calls_injected,
-                      sorted({s for s, _, _ in run.steps_injected}))
+            log.debug("%s: %d model calls injected (steps %s), %d from the source cache", node, run.calls_injected,
+                      sorted({s for s, _, _ in run.steps_injected}), run.cache_hits)
+            if run.cache is not None:
+                c = run.cache
+                log.info("%s: source cache: %d sigmas, %.1f MiB (%s) on %s; this run: %d calls from the cache, "
+                         "%d ran the source branch", node, len(c.steps), c.nbytes() / 2**20, "/".join(c.dtypes()) or "-",
+                         "the CPU" if c.on_cpu else "the model's device", run.cache_hits, run.cache_stores)
             return out
         finally:
             guider.model_options = orig_model_options
 
 
+class PnPMemoryEstimate:
+    """Object patch on the base model's ``memory_required``: ComfyUI's estimate of a U-Net call, plus
+    the source rows PnP adds to every call inside a window (``rows``: the source's batch, 1 for a
+    shared source). ComfyUI sizes its cond/uncond batches (``_calc_cond_batch``) and the model load
+    (``prepare_sampling``) from it. Conservative: the rows are counted at every call, also outside the
+    windows and where the source cache serves them."""
+
+    def __init__(self, previous: Callable, rows: int):
+        self.previous = previous
+        self.rows = int(rows)
+
+    def __repr__(self) -> str:
+        return f"PnPMemoryEstimate(rows={self.rows})"
+
+    def __call__(self, input_shape, cond_shapes={}):
+        shape = list(input_shape)
+        shape[0] = int(shape[0]) + self.rows
+        return self.previous(shape, cond_shapes=cond_shapes)
+
+
+class PnPPrepareSamplingWrapper:
+    """PREPARE_SAMPLING wrapper: ComfyUI estimates the run's memory from the noise shape before the
+    model (and so ``PnPMemoryEstimate``) is patched in; there the batch counts the source rows too."""
+
+    def __init__(self, rows: int):
+        self.rows = int(rows)
+
+    def __repr__(self) -> str:
+        return f"PnPPrepareSamplingWrapper(rows={self.rows})"
+
+    def __call__(self, executor, model, noise_shape, conds, *args, **kwargs):
+        if not isinstance(getattr(model.model, "memory_required", None), PnPMemoryEstimate):
+            noise_shape = [int(noise_shape[0]) + self.rows] + list(noise_shape[1:])
+        return executor(model, noise_shape, conds, *args, **kwargs)
+
+
+MEMORY_KEY = "memory_required"
+
+
+def remove_memory_estimate(m) -> None:
+    """Undo ``PnPMemoryEstimate`` on clone ``m`` (keeping another node's patch it wrapped)."""
+    est = m.object_patches.get(MEMORY_KEY)
+    if isinstance(est, PnPMemoryEstimate):
+        previous = est.previous
+        if getattr(previous, "__self__", None) is m.model:
+            del m.object_patches[MEMORY_KEY]
+        else:
+            m.object_patches[MEMORY_KEY] = previous
+
+
 def install(m, source, feature_share: float, attention_share: float,
-            feature_blocks: tuple[int, ...], attention_blocks: tuple[int, ...]) -> None:
+            feature_blocks: tuple[int, ...], attention_blocks: tuple[int, ...], source_mode: str = "in-batch") -> None:
     """Install the hooks on ``m`` (a clone). Nothing is installed for a zero window."""
     unet = m.get_model_object("diffusion_model")
+    injected_features, injected_layers = [], []
     if feature_share > 0:
         for i in feature_blocks:
             key = f"diffusion_model.output_blocks.{i}.0"
             m.add_object_patch(key, FeatureInjectionResBlock(m.get_model_object(key), i))
+            injected_features.append(i)
     if attention_share > 0:
         replaces = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
         for i in attention_blocks:
             for j in range(attention_depth(unet, i)):
                 previous = replaces.get(("output", i, j), replaces.get(("output", i)))
                 m.set_model_attn1_replace(AttentionInjection(previous), "output", i, j)
+                injected_layers.append((i, j))
+    feature_keys, attention_keys = cache_layers(injected_features, injected_layers)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
-                           PnPSampleWrapper(source, feature_share, attention_share))
+                           PnPSampleWrapper(source, feature_share, attention_share, source_mode, feature_keys,
+                                            attention_keys))
+    rows = int(source.latent_shape[0])
+    m.add_object_patch(MEMORY_KEY, PnPMemoryEstimate(m.get_model_object(MEMORY_KEY), rows))
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY,
+                           PnPPrepareSamplingWrapper(rows))
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY, PnPPredictNoiseWrapper())
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, PnPApplyModelWrapper())
 

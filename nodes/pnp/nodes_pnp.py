@@ -100,7 +100,7 @@ def _capture_source_inputs(store: dict, run_model: bool = True):
 
 
 PNP_WRAPPER_TYPES = (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.PREDICT_NOISE,
-                     comfy.patcher_extension.WrappersMP.APPLY_MODEL)
+                     comfy.patcher_extension.WrappersMP.APPLY_MODEL, comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING)
 
 
 def plain_clone(model):
@@ -108,6 +108,7 @@ def plain_clone(model):
     m = model.clone()
     for wtype in PNP_WRAPPER_TYPES:
         m.remove_wrappers_with_key(wtype, inj.WRAPPER_KEY)
+    inj.remove_memory_estimate(m)
     return m
 
 
@@ -317,14 +318,18 @@ class PlugKitPnPInject(io.ComfyNode):
                                 tooltip="Experts: decoder (output) blocks whose first ResBlock is injected, e.g. '4' or '4, 5'. Empty: family default (SD1.x/2.x: 4, SDXL: 1)."),
                 io.String.Input("attention_blocks", default="", optional=True,
                                 tooltip="Experts: decoder blocks whose self-attention q/k are injected, e.g. '4-11'. Empty: family default (SD1.x/2.x: 4-11, SDXL: 1-5); 'none' disables."),
+                io.Combo.Input("source_mode", options=list(inj.SOURCE_MODES), default=inj.SOURCE_MODES[0], optional=True,
+                               tooltip="in-batch: the source runs next to the target in every injected step (no extra memory). cache: the first run keeps the source's injected features and q/k with the PNP_SOURCE; later runs with the same source, schedule and model reuse them and skip the source branch (about plain-sampling speed; SD1.5 at 512 px with the default windows: about 0.7 GB in fp16, on the GPU). cache on CPU: the same, kept in system memory."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with Plug-and-Play injection; sample the inverted LATENT with it.")],
         )
 
     @classmethod
     def execute(cls, model, pnp_source, feature_injection=0.8, attention_injection=0.5,
-                feature_blocks="", attention_blocks="") -> io.NodeOutput:
+                feature_blocks="", attention_blocks="", source_mode=inj.SOURCE_MODES[0]) -> io.NodeOutput:
         node = "PlugKitPnPInject"
+        if source_mode not in inj.SOURCE_MODES:
+            raise ValueError(f"{node}: input 'source_mode' is {source_mode!r}; use one of {list(inj.SOURCE_MODES)}.")
         if not isinstance(pnp_source, PnPSource):
             raise TypeError(f"{node}: input 'pnp_source' must come from PlugKitPnPInvert (got {type(pnp_source).__name__}).")
         unet = inj.unet_of(model, node)
@@ -343,7 +348,8 @@ class PlugKitPnPInject(io.ComfyNode):
         inj.check_blocks(unet, fblocks, ablocks, node)
         m = model.clone()
         if float(feature_injection) > 0 or float(attention_injection) > 0:
-            inj.install(m, pnp_source, float(feature_injection), float(attention_injection), fblocks, ablocks)
+            inj.install(m, pnp_source, float(feature_injection), float(attention_injection), fblocks, ablocks,
+                        source_mode)
         return io.NodeOutput(m)
 
 

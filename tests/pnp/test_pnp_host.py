@@ -332,14 +332,42 @@ def test_intermediate_sigmas_are_interpolated_with_a_warning(pnp_env, caplog):
     assert any("between the inversion's sigmas" in r.getMessage() for r in caplog.records)
 
 
-def test_batch_of_two_shares_a_single_source(pnp_env):
+def _per_row_source(source, b):
+    """The same source repeated to ``b`` items: PnP then runs one source row per batch row (the
+    pre-issue-15 behaviour for a shared source: 3B rows per windowed call)."""
+    traj = source.trajectory
+    kw = {k: (v.repeat((b,) + (1,) * (v.dim() - 1)) if torch.is_tensor(v) else v) for k, v in source.model_kwargs.items()}
+    return dataclasses.replace(source, trajectory=type(traj)(traj.sigmas, traj.latents.repeat(1, b, 1, 1, 1)),
+                               model_kwargs=kw)
+
+
+@pytest.mark.parametrize("b", [2, 4])
+def test_a_batch_on_one_source_runs_one_source_row(pnp_env, b):
+    """Batch B on one shared source: 2B+1 rows per windowed U-Net call (not 3B), and the same result
+    as B per-row source copies within 1e-5. Fails with the old ``rows = arange(chunk)`` (3B rows)."""
+    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject
+
     env = pnp_env
-    lat = env["inverted"]["samples"].repeat(2, 1, 1, 1)
-    out = _sample(_inject(env["model"], env), env, latent=lat)
+    lat = env["inverted"]["samples"].repeat(b, 1, 1, 1)
+    out, sizes = _batch_sizes(env, lambda base: _inject(base, env), lambda pm: _sample(pm, env, latent=lat))
+    assert [n for _, n in sizes] == [2 * b + 1] * 4 + [2 * b]  # windows 0.8/0.5 of 5 steps: 4 with the source
+    ref_src = _per_row_source(env["source"], b)
+    ref, ref_sizes = _batch_sizes(env, lambda base: PlugKitPnPInject.execute(model=base, pnp_source=ref_src).result[0],
+                                  lambda pm: _sample(pm, env, latent=lat))
+    assert [n for _, n in ref_sizes] == [3 * b] * 4 + [2 * b]
+    # Tolerances relative to the latent's scale: the source's residual branch runs on its own rows
+    # (1 here, B in the reference) and conv kernels of another batch size round differently. Measured:
+    # one step 4e-6 of the scale, the 5-step CFG run 1.6e-5 (computing every row's residual, as
+    # before issue 15, the run agreed within 1e-5 absolute).
+    scale = float(ref.abs().max())
+    assert out.shape[0] == b and (out - ref).abs().max() <= 5e-5 * scale
+    assert (out[0] - out[-1]).abs().max() <= 1e-5 * scale
+    one = dict(start_step=0, last_step=1, force_full_denoise=False)
+    first = _sample(_inject(env["model"], env), env, latent=lat, **one)
+    first_ref = _sample(PlugKitPnPInject.execute(model=env["model"], pnp_source=ref_src).result[0], env, latent=lat, **one)
+    assert (first - first_ref).abs().max() <= 1e-5 * float(first_ref.abs().max())
     single = _sample(_inject(env["model"], env), env)
-    assert out.shape[0] == 2
-    assert torch.allclose(out[0], out[1], atol=1e-5)
-    assert torch.allclose(out[:1], single, atol=1e-3)
+    assert (out[:1] - single).abs().max() <= 5e-5 * scale
 
 
 def test_cooperates_with_core_freeu(pnp_env, comfy_nodes):
@@ -467,7 +495,7 @@ def test_family_defaults_and_block_parsing():
 def test_custom_blocks_inject_where_asked(pnp_env):
     env = pnp_env
     pm = _inject(env["model"], env, feature_blocks="5", attention_blocks="none")
-    assert list(pm.object_patches) == ["diffusion_model.output_blocks.5.0"]
+    assert list(pm.object_patches) == ["diffusion_model.output_blocks.5.0", "memory_required"]
     assert "attn1" not in pm.model_options.get("transformer_options", {}).get("patches_replace", {})
     assert (_sample(pm, env) - _sample(env["model"], env)).abs().max() > 1e-3
 
@@ -513,7 +541,7 @@ def test_sdxl_uses_its_block_mapping_and_adm_input(tiny_sdxl, pnp_env):
                                         steps=4, inversion_steps=4).result
     assert src.family == "SDXL" and sorted(src.model_kwargs) == ["c_crossattn", "y"]
     pm = PlugKitPnPInject.execute(model=tiny_sdxl, pnp_source=src).result[0]
-    assert list(pm.object_patches) == ["diffusion_model.output_blocks.1.0"]
+    assert list(pm.object_patches) == ["diffusion_model.output_blocks.1.0", "memory_required"]
     keys = sorted(pm.model_options["transformer_options"]["patches_replace"]["attn1"])
     assert keys == [("output", 1, 0), ("output", 1, 1), ("output", 2, 0), ("output", 2, 1), ("output", 3, 0),
                     ("output", 4, 0), ("output", 5, 0)]
@@ -599,3 +627,177 @@ def test_a_resblock_embed_patch_that_bypasses_the_injection_is_reported(pnp_env)
     assert not plain_blocks, "the patch replaced PnP's block and nothing said so"
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
     pytest.skip("this ComfyUI never hands ResBlocks to forward_timestep_embed_patch (before 0.20)")
+
+
+# ---- source cache (issue 15) -----------------------------------------------------------------
+
+def _counting_base(env, sizes):
+    """A clone whose decoder block 4 first self-attention records (sigma, rows) of every U-Net call."""
+    import comfy.ldm.modules.attention as attention_mod
+
+    def capture_attn(q, k, v, extra):
+        if extra.get("block_index", 0) == 0:
+            sizes.append(q.shape[0])
+        return attention_mod.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
+                                                 transformer_options=extra)
+
+    base = env["model"].clone()
+    base.set_model_attn1_replace(capture_attn, "output", 4, 0)
+    return base
+
+
+@pytest.mark.parametrize("mode", ["cache", "cache on CPU"])
+def test_source_cache_equals_in_batch_and_skips_the_source_branch(pnp_env, mode, caplog):
+    """First run: in-batch, filling the cache; later runs: no source rows, same result (1e-5).
+    Proved to fail once: swapping the cached q and k in AttentionInjection's cache path broke the
+    equality (max diff > 1e-2)."""
+    import logging
+
+    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject
+
+    env = pnp_env
+    src = dataclasses.replace(env["source"])  # its own, empty cache
+    sizes = []
+    base = _counting_base(env, sizes)
+    ref = _sample(PlugKitPnPInject.execute(model=base, pnp_source=src).result[0], env)
+    assert sizes == [3, 3, 3, 3, 2] and not src.cache.steps  # in-batch keeps nothing
+    pm = PlugKitPnPInject.execute(model=base, pnp_source=src, source_mode=mode).result[0]
+    sizes.clear()
+    with caplog.at_level(logging.INFO, logger="plugkit.nodes.pnp.injection"):
+        first = _sample(pm, env)
+    assert sizes == [3, 3, 3, 3, 2]  # fills the cache in-batch
+    assert (first - ref).abs().max() <= 1e-5
+    sig = [float(s) for s in src.trajectory.sigmas[:4]]
+    assert sorted(src.cache.steps, reverse=True) == pytest.approx(sig)
+    attn_keys = {(kind, ("output", i), 0) for i in range(4, 12) for kind in ("q", "k")}
+    for i, s in enumerate(sorted(src.cache.steps, reverse=True)):  # features 4 steps, q/k the first 2
+        keys = set(src.cache.steps[s])
+        assert keys == ({("features", 4)} | (attn_keys if i < 2 else set())), i
+    assert src.cache.on_cpu == (mode == "cache on CPU")
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 and t.shape[0] == 1
+               for e in src.cache.steps.values() for t in e.values())
+    size = src.cache.nbytes()
+    feat = src.cache.steps[sig[0]][("features", 4)]
+    q9 = src.cache.steps[sig[0]][("q", ("output", 9), 0)]
+    assert size >= 4 * feat.numel() * 4 + 2 * 2 * 3 * q9.numel() * 4
+    assert any("source cache: 4 sigmas" in r.getMessage() and "float32" in r.getMessage() for r in caplog.records)
+    sizes.clear()
+    second = _sample(pm, env)
+    assert sizes == [2, 2, 2, 2, 2]  # the source branch never runs
+    assert (second - ref).abs().max() <= 1e-5 and src.cache.nbytes() == size
+    # another Inject node on the same model and source shares the cache
+    sizes.clear()
+    _sample(PlugKitPnPInject.execute(model=base, pnp_source=src, source_mode=mode).result[0], env)
+    assert sizes == [2, 2, 2, 2, 2]
+    # a batch of 2 reads the same one-row cache: 4 rows per call, equal to in-batch at batch 2
+    lat = env["inverted"]["samples"].repeat(2, 1, 1, 1)
+    sizes.clear()
+    two = _sample(pm, env, latent=lat)
+    assert sizes == [4] * 5
+    ref2 = _sample(PlugKitPnPInject.execute(model=base, pnp_source=src).result[0], env, latent=lat)
+    assert (two - ref2).abs().max() <= 5e-5 * float(ref2.abs().max())
+
+
+def test_source_cache_is_invalidated_by_model_prompt_and_schedule(pnp_env, comfy_nodes):
+    from tools.models import random_conditioning
+
+    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject, PlugKitPnPInvert
+
+    env = pnp_env
+    src = dataclasses.replace(env["source"])
+    sizes = []
+    base = _counting_base(env, sizes)
+
+    def inject(m, s, mode="cache"):
+        return PlugKitPnPInject.execute(model=m, pnp_source=s, source_mode=mode).result[0]
+
+    pm = inject(base, src)
+    _sample(pm, env)
+    sizes.clear()
+    _sample(pm, env)
+    assert sizes == [2] * 5
+    # another patch on the model (FreeU changes the decoder): recomputed, equal to in-batch with it
+    freeu = comfy_nodes.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(pm, 1.3, 1.4, 0.9, 0.2)[0]
+    sizes.clear()
+    a = _sample(freeu, env)
+    assert sizes == [3, 3, 3, 3, 2]
+    b = _sample(comfy_nodes.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(inject(base, src, "in-batch"), 1.3, 1.4, 0.9, 0.2)[0], env)
+    assert (a - b).abs().max() <= 1e-5
+    # another source prompt in the same source object: recomputed
+    other = dict(src.model_kwargs, c_crossattn=random_conditioning(seed=7)[0][0])
+    src.model_kwargs = other
+    sizes.clear()
+    a = _sample(pm, env)
+    assert sizes == [3, 3, 3, 3, 2]
+    ref_src = dataclasses.replace(env["source"], model_kwargs=other)
+    assert (a - _sample(inject(base, ref_src, "in-batch"), env)).abs().max() <= 1e-5
+    # another schedule (a source inverted on 'normal'): recomputed
+    other_src, other_inv = PlugKitPnPInvert.execute(model=env["model"], samples={"samples": env["latent"]},
+                                                    conditioning=env["source_cond"], steps=5, inversion_steps=5,
+                                                    scheduler="normal").result
+    src.trajectory = other_src.trajectory
+    src.scheduler = "normal"
+    src.model_kwargs = env["source"].model_kwargs
+    sizes.clear()
+    a = _sample(pm, env, latent=other_inv["samples"], scheduler="normal")
+    assert sizes == [3, 3, 3, 3, 2]
+    ref = _sample(inject(base, other_src, "in-batch"), env, latent=other_inv["samples"], scheduler="normal")
+    assert (a - ref).abs().max() <= 1e-5
+    assert sorted(src.cache.steps, reverse=True) == pytest.approx([float(s) for s in other_src.trajectory.sigmas[:4]])
+
+
+# ---- memory the sampler plans with (issue 15) ------------------------------------------------
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_comfy_memory_estimates_count_the_source_rows(pnp_env, monkeypatch, b):
+    """Both estimates ComfyUI uses grow by exactly the source rows: the model load's (prepare_sampling
+    -> load_models_gpu) and the cond/uncond batching's (``model.memory_required`` in _calc_cond_batch).
+    Fails without the object patch / the PREPARE_SAMPLING wrapper (then PnP's numbers equal plain's)."""
+    import comfy.model_management
+
+    env = pnp_env
+    model = env["model"]
+    base_cls = type(model.model)
+    lat = env["inverted"]["samples"].repeat(b, 1, 1, 1)
+    shape = list(lat.shape)
+
+    def plain_estimate(rows):
+        return base_cls.memory_required(model.model, [rows] + shape[1:], cond_shapes={})
+
+    loads, batching = [], []
+    real_load = comfy.model_management.load_models_gpu
+
+    def spy_load(models, *args, **kwargs):  # the real loader, its arguments recorded
+        loads.append((kwargs.get("memory_required"), kwargs.get("minimum_memory_required")))
+        return real_load(models, *args, **kwargs)
+
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu", spy_load)
+
+    def probe(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
+        # what _calc_cond_batch asks for a batch of the sampler's 2b rows, inside the run
+        batching.append(transformer_options["plugkit_probe_model"].memory_required([2 * b] + shape[1:], cond_shapes={}))
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
+
+    import comfy.patcher_extension
+
+    results = {}
+    comfy.model_management.unload_all_models()  # no clone's object patches on the base model
+    for name, m in (("plain", model.clone()), ("pnp", _inject(model, env))):
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_probe", probe)
+        m.model_options.setdefault("transformer_options", {})["plugkit_probe_model"] = m.model
+        loads.clear()
+        batching.clear()
+        _sample(m, env, latent=lat)
+        results[name] = (loads[0], batching[0])
+    (plain_max, plain_min), plain_batch = results["plain"]
+    (pnp_max, pnp_min), pnp_batch = results["pnp"]
+    assert plain_batch == pytest.approx(plain_estimate(2 * b)) and plain_max == pytest.approx(plain_estimate(2 * b))
+    assert pnp_batch == pytest.approx(plain_estimate(2 * b + 1))  # exactly one source row more
+    assert pnp_min == pytest.approx(plain_estimate(b + 1)) and plain_min == pytest.approx(plain_estimate(b))
+    assert pnp_max >= plain_estimate(2 * b + 1)
+    # a later run, the PnP model still loaded: its patched estimate counts the row once
+    loads.clear()
+    pm = _inject(model, env)
+    _sample(pm, env, latent=lat)
+    _sample(pm, env, latent=lat)
+    assert loads[-1][0] == pytest.approx(plain_estimate(2 * b + 1)) and loads[-1][1] == pytest.approx(plain_estimate(b + 1))

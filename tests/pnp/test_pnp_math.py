@@ -15,6 +15,7 @@ from plugkit.nodes.pnp.ddim_inversion import (
 )
 from plugkit.nodes.pnp.feature_pca import (
     attention_pca_image,
+    attention_principal_components,
     feature_pca_image,
     normalise_channels,
     principal_components,
@@ -197,6 +198,80 @@ def test_self_attention_rows_are_distributions_and_image_shape():
     assert img.shape == (3, 4, 3)
     with pytest.raises(ValueError):
         attention_pca_image(q, k, 2, 5, 5)
+
+
+def _old_attention_pca_image(q, k, heads, h, w):
+    """The view before issue 15: the full float64 (heads, N, N) softmax, then an SVD."""
+    return normalise_channels(principal_components(self_attention(q, k, heads), 3).reshape(h, w, 3))
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+@pytest.mark.parametrize("bounds", [{}, {"matrix_bytes": 0, "chunk_bytes": 2**14, "basis_bytes": 2**15}])
+def test_bounded_attention_pca_equals_the_full_matrix_picture(scale, bounds):
+    """Same PCA coordinates (1e-5 of their scale) and picture (1e-4) as the N x N computation, with
+    the matrix kept and with every pass recomputing small chunks (and restarting a small basis).
+    Fails when the column mean is not removed (tried once: the coordinates then differ by > 0.2)."""
+    g = torch.Generator().manual_seed(4)
+    h, w, heads = 16, 12, 2
+    q = torch.randn(h * w, 16, generator=g) * scale
+    k = torch.randn(h * w, 16, generator=g) * scale
+    old = principal_components(self_attention(q, k, heads), 3)
+    new = attention_principal_components(q, k, heads, 3, **bounds)
+    assert (new - old).abs().max() <= 1e-5 * float(old.abs().max())
+    img = attention_pca_image(q, k, heads, h, w, **bounds)
+    assert (img - _old_attention_pca_image(q, k, heads, h, w)).abs().max() <= 1e-4
+
+
+class _LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of live tensor storage allocated inside the mode (by storage, views counted once),
+    and the largest single allocation: measured allocations, not time."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak, self.largest = {}, 0, 0, 0
+
+    def _release(self, ptr):
+        entry = self.live[ptr]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.live[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.numel():
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in self.live:
+                    size = t.untyped_storage().nbytes()
+                    self.live[ptr] = [size, 0]
+                    self.now += size
+                    self.peak = max(self.peak, self.now)
+                    self.largest = max(self.largest, size)
+                self.live[ptr][1] += 1
+                weakref.finalize(t, self._release, ptr)
+        return out
+
+
+def test_bounded_attention_pca_memory_stays_bounded_for_a_large_map():
+    """N = 4096 tokens (a 64x64 map): the old view allocates heads x N x N float64 (256 MiB here);
+    the bounded one, given 1 MiB chunks and a 2 MiB basis, never holds more than a few MiB."""
+    g = torch.Generator().manual_seed(5)
+    n, heads = 64 * 64, 2
+    q = torch.randn(n, 16, generator=g) * 3
+    k = torch.randn(n, 16, generator=g) * 3
+    with _LiveTensorBytes() as small:  # the tracker itself, checked on the old view at N = 1024
+        principal_components(self_attention(q[:1024], k[:1024], heads), 3)
+    assert small.largest >= heads * 1024 * 1024 * 8
+    with _LiveTensorBytes() as mem:
+        comps = attention_principal_components(q, k, heads, 3, chunk_bytes=2**20, matrix_bytes=0, basis_bytes=2 * 2**20)
+    assert comps.shape == (n, 3) and bool(torch.isfinite(comps).all()) and float(comps[:, 0].std()) > 0
+    assert mem.largest <= 2**20 + 2**16, mem.largest
+    # measured 7.1 MiB: chunk temporaries (~1.5), basis blocks and their concatenations (~4), q/k copies
+    assert mem.peak <= 10 * 2**20, mem.peak
+    assert mem.peak < heads * n * n * 8 / 20  # the old view: 256 MiB
 
 
 def test_upscale_nearest():
