@@ -64,7 +64,9 @@ class GradTap:
 
     def __enter__(self):
         self.grads = []
-        self.handle = torch.optim.optimizer.register_optimizer_step_pre_hook(
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        self.handle = register_optimizer_step_pre_hook(
             lambda opt, args, kwargs: self.grads.append(torch.cat(
                 [p.grad.detach().flatten().clone() for g in opt.param_groups for p in g["params"]])))
         return self
@@ -99,15 +101,150 @@ def test_pairs_stream_memory_does_not_grow_with_the_dataset(frozen, tmp_path):
             return pair
 
         stream = pt.PairStream(pairs, 64, counting)
-        result = train(frozen, stream, tmp_path / f"s{n}.safetensors", steps=3, batch_size=2, grad_accum=2)
+        result = train(frozen, stream, tmp_path / f"s{n}.safetensors", steps=2, batch_size=2, grad_accum=1)
         figures[n] = (peak[0], reads[0])
         if n == 10:
             streamed = result
             crops, _ = pt.read_pairs(pairs, 64)
-            held = train(frozen, encode_pairs(model, cv, vae, crops), tmp_path / "held.safetensors", steps=3,
-                         batch_size=2, grad_accum=2)
+            held = train(frozen, encode_pairs(model, cv, vae, crops), tmp_path / "held.safetensors", steps=2,
+                         batch_size=2)
     assert figures[10] == figures[200], figures
-    assert figures[10][0] <= 2 and figures[10][1] == 3 * 2 * 2, figures  # <= one micro-batch alive; 12 pairs read
+    assert figures[10][0] <= 2 and figures[10][1] == 2 * 2, figures  # <= one batch alive; 4 pairs read
     assert streamed.losses == held.losses
     for k, v in held.plugin.state_dict().items():
         assert torch.equal(streamed.plugin.state_dict()[k], v), k
+
+
+# --- the official recipe --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def encoded(frozen, tmp_path_factory):
+    from plugkit.nodes.diff_plugin import plugin_training as pt
+    from plugkit.nodes.diff_plugin.train_nodes import encode_pairs
+
+    model, cv, vae, _, _ = frozen
+    pairs, _ = pt.find_pairs(write_pairs(tmp_path_factory.mktemp("pairs"), 3))
+    return encode_pairs(model, cv, vae, pt.read_pairs(pairs, 64)[0])
+
+
+def test_lr_scaling_is_the_official_rule(frozen, encoded, tmp_path):
+    """train.py: lr = learning_rate x gradient_accumulation_steps x train_batch_size x num_processes."""
+    from plugkit.nodes.diff_plugin import plugin_training as pt
+
+    def official(lr, accum, batch, processes):  # train.py, --scale_lr (default True)
+        return lr * accum * batch * processes
+
+    for batch, accum, procs in ((1, 1, 1), (4, 2, 1), (16, 1, 4), (3, 5, 2)):
+        cfg = pt.TrainConfig(batch_size=batch, grad_accum=accum, learning_rate=1e-5)
+        assert cfg.effective_lr(procs) == pytest.approx(official(1e-5, accum, batch, procs), rel=1e-12)
+        assert pt.TrainConfig(batch_size=batch, learning_rate=1e-5, lr_scaling="none").effective_lr(procs) == 1e-5
+    assert pt.TrainConfig().lr_scaling == "official"  # the official default
+    result = train(frozen, encoded, tmp_path / "a.safetensors", steps=1, batch_size=2, lr_scaling="official",
+                   learning_rate=2e-4)
+    assert result.learning_rate == pytest.approx(4e-4)
+    from plugkit.nodes.diff_plugin import plugin_files as pf
+
+    assert float(pf.read_metadata(tmp_path / "a.safetensors")["learning_rate"]) == pytest.approx(4e-4)
+
+
+def test_accumulation_of_two_equals_a_batch_of_two(frozen, encoded, tmp_path):
+    """Same global batch, same seed: batch 2 vs batch 1 x 2 accumulated micro-steps apply the same gradient
+    (clipping off, so its scale counts) and train the same weights. Measured: gradients 2.1e-5 relative
+    (a batch of 2 and two batches of 1 run different conv/matmul kernels), weights up to 1.6e-4 per tensor (AdamW's
+    normalised steps turn float noise in near-zero gradients into lr-sized moves).
+    The check can fail: summing the micro-batch losses instead of averaging them doubles the gradient
+    (relative error 1.0, outside 2e-4)."""
+    runs = {}
+    for name, batch, accum in (("batch", 2, 1), ("accum", 1, 2)):
+        with GradTap() as tap:
+            runs[name] = train(frozen, encoded, tmp_path / f"{name}.safetensors", steps=2, batch_size=batch,
+                               grad_accum=accum, max_grad_norm=1e9)
+        runs[name].grads = tap.grads
+    a, b = runs["batch"], runs["accum"]
+    assert len(a.grads) == len(b.grads) == 2
+    for ga, gb in zip(a.grads, b.grads):
+        assert float(ga.abs().max()) > 0
+        assert float((ga - gb).norm() / ga.norm()) < 2e-4
+        assert float((ga - 2 * gb).norm() / ga.norm()) > 0.5  # a summing trainer would be caught
+    for got, want in zip(b.losses, a.losses):
+        assert got == pytest.approx(want, rel=1e-5)
+    for k, v in a.plugin.state_dict().items():
+        diff = float((b.plugin.state_dict()[k] - v).norm())
+        assert diff <= 5e-3 * float(v.norm()) + 1e-9, (k, diff)  # the resume test's tolerance (AdamW, see there)
+
+
+def _pil_official_aug(degraded: Image.Image, clean: Image.Image, params, resolution):
+    """dataset.py data_augmentation with its random draws given: crop (F.crop), flip (F.hflip), then
+    F.resize(img, (r, r)) (PIL bilinear)."""
+    top, left, h, w, flip = params
+    out = []
+    for im in (degraded, clean):
+        im = im.crop((left, top, left + w, top + h))
+        if flip:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        out.append(np.asarray(im.resize((resolution, resolution), Image.BILINEAR), np.float32) / 255)
+    return out
+
+
+def test_augmentation_is_the_official_crop_and_flip():
+    """--use_data_aug: crop with probability 1/2 (a resolution square when both sides exceed it), flip with
+    probability 1/2, the same for both images, then a resize to resolution x resolution. Each output is
+    compared with the official transform (PIL) at the crop/flip it drew (found by search over its
+    choices); a crop one pixel off is far outside the tolerance (checked)."""
+    from plugkit.nodes.diff_plugin import plugin_training as pt
+
+    rng = np.random.default_rng(3)
+    h, w, r = 40, 56, 32
+    deg = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+    cln = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+    d_t, c_t = (torch.from_numpy(a.astype(np.float32) / 255)[None] for a in (deg, cln))
+    d_im, c_im = Image.fromarray(deg), Image.fromarray(cln)
+    options = [(0, 0, h, w, f) for f in (False, True)] + [
+        (t, left, r, r, f) for t in range(h - r + 1) for left in range(w - r + 1) for f in (False, True)]
+    cropped = flipped = 0
+    for seed in range(24):
+        d, c = pt.augment_crop(d_t, c_t, r, torch.Generator().manual_seed(seed))
+        errs = []
+        for params in options:
+            want_d, want_c = _pil_official_aug(d_im, c_im, params, r)
+            errs.append((float(np.abs(d[0].numpy() - want_d).mean() + np.abs(c[0].numpy() - want_c).mean()), params))
+        errs.sort()
+        best, params = errs[0]
+        assert best < 0.02 and errs[1][0] > 3 * best + 0.02, (seed, errs[:3])  # one choice fits, its neighbours do not
+        cropped += params[2] == r
+        flipped += params[4]
+    assert 6 <= cropped <= 18 and 6 <= flipped <= 18, (cropped, flipped)
+
+
+def test_timesteps_and_loss_are_the_official_ones(frozen, encoded):
+    """train.py: t = randint(0, 1000) per sample; noisy = DDPMScheduler.add_noise (SD's scaled_linear betas
+    0.00085..0.012); loss = mse(unet(noisy, t, Fp, SCB residuals), noise) in float. Re-implemented here and
+    run on the same tiny model, noise and t: equal to 1e-6. With t one step off it is not (checked)."""
+    from plugkit.nodes.diff_plugin import plugin_training as pt
+    from plugkit.nodes.diff_plugin.task_plugin import patch_tokens
+
+    _, _, _, eps_model, alphas = frozen
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float32) ** 2
+    acp_official = torch.cumprod(1.0 - betas, dim=0)
+    assert torch.allclose(alphas.float(), acp_official, rtol=1e-5, atol=0)
+
+    plugin = fresh_plugin()
+    batch = encoded[:2]
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.randn((2, *batch[0].clean_latent.shape[1:]), generator=gen)
+    t = torch.randint(0, 1000, (2,), generator=gen)
+
+    def official(t):
+        latents = torch.cat([p.clean_latent for p in batch])
+        a = acp_official[t][:, None, None, None]
+        noisy = a ** 0.5 * latents + (1 - a) ** 0.5 * noise  # add_noise
+        fp = plugin.tpb(patch_tokens(torch.cat([p.clip_hidden for p in batch])))
+        res = plugin.scb(torch.cat([p.degraded_latent for p in batch]), t.float(), fp)
+        return torch.nn.functional.mse_loss(eps_model(noisy, t.float(), fp, res).float(), noise.float())
+
+    with torch.no_grad():
+        ours = float(pt.plugin_loss(plugin, eps_model, batch, alphas, noise=noise, t=t))
+        assert ours == pytest.approx(float(official(t)), rel=1e-6)
+        assert abs(ours - float(official((t + 1).clamp(max=999)))) > 1e-4 * ours
+    draws = torch.cat([torch.randint(0, 1000, (1,), generator=pt.sample_generator(0, 0, j)) for j in range(4000)])
+    assert int(draws.min()) < 10 and int(draws.max()) > 989 and abs(float(draws.float().mean()) - 499.5) < 15
