@@ -19,5 +19,8 @@ from tools.models import build_clip_vision, build_model, build_vae  # noqa: E402
 from plugkit.nodes.diff_plugin.train_cli import main  # noqa: E402
 
 if __name__ == "__main__":
+    import logging
+
+    logging.getLogger().setLevel(logging.INFO)  # ComfyUI set up the root logger at WARNING
     sys.exit(main(["--checkpoint", "unused", "--clip-vision", "unused", *sys.argv[1:]], model=build_model(seed=0),
                   clip_vision=build_clip_vision(seed=0, layers=2, intermediate=256), vae=build_vae(seed=0, channels=32)))
