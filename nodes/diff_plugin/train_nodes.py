@@ -228,9 +228,11 @@ class PlugKitTrainTaskPlugin(io.ComfyNode):
                              tooltip="Training crop size in pixels (official: 512)."),
                 io.Int.Input("steps", default=1000, min=1, max=1_000_000,
                              tooltip="Total optimisation steps (resuming counts the saved ones)."),
-                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Pairs per step."),
+                io.Int.Input("batch_size", default=1, min=1, max=64,
+                             tooltip="Pairs per micro-step (official train_batch_size; default 1)."),
                 io.Float.Input("learning_rate", default=1e-5, min=1e-7, max=1e-2, step=1e-6,
-                               tooltip="AdamW learning rate (official: 1e-5, weight decay 1e-2)."),
+                               tooltip="Base AdamW learning rate (official: 1e-5, weight decay 1e-2); see "
+                                       "lr_scaling."),
                 io.Int.Input("save_every", default=250, min=0, max=1_000_000,
                              tooltip="Save the plugin every N steps (0: only at the end). Saves are atomic."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seed of the noise and timesteps."),
@@ -240,9 +242,31 @@ class PlugKitTrainTaskPlugin(io.ComfyNode):
                 io.Combo.Input("start", options=["input", "noise"], default="input",
                                tooltip="How sampling with this plugin starts: the noised input (most tasks) or pure "
                                        "noise (like lowlight / highlight)."),
+                io.Int.Input("grad_accum", default=1, min=1, max=1024, optional=True,
+                             tooltip="Micro-batches accumulated per step (official gradient_accumulation_steps; "
+                                     "default 1): a step sees batch_size x grad_accum pairs."),
+                io.Combo.Input("lr_scaling", options=list(pt.LR_SCALINGS), default="official", optional=True,
+                               tooltip="official (train.py's scale_lr, always on there): the learning rate is "
+                                       "multiplied by batch_size x grad_accum (x GPUs); none: used as given."),
+                io.Boolean.Input("augment", default=False, optional=True,
+                                 tooltip="Official --use_data_aug: random crop (p 1/2) and horizontal flip (p 1/2), "
+                                         "the same for both images, then resize to the resolution. Official "
+                                         "default: off (short side resized, centre crop)."),
+                io.Combo.Input("precision", options=list(pt.PRECISIONS), default="fp32", optional=True,
+                               tooltip="Compute dtype of the forward (autocast). The plugin keeps fp32 weights; "
+                                       "fp16 uses loss scaling; bf16 needs a GPU that has it. fp32 is exact but "
+                                       "slowest."),
+                io.Int.Input("validate_every", default=0, min=0, max=1_000_000, optional=True,
+                             tooltip="Every N steps run the official 20-step inference on the first pair and show "
+                                     "it (input | plugin | target) on the progress bar and the 'validation' "
+                                     "output; 0: never."),
             ],
             outputs=[io.Custom("PLUGKIT_TASK_PLUGIN").Output(display_name="plugin"),
-                     io.String.Output(display_name="report")],
+                     io.String.Output(display_name="report"),
+                     io.Image.Output(display_name="validation",
+                                     tooltip="The validation images (input | plugin output | target), one per "
+                                             "validation; a blank image when validate_every is 0."),
+                     io.Image.Output(display_name="loss_curve", tooltip="The loss of every step, drawn.")],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
             not_idempotent=True,
@@ -251,7 +275,9 @@ class PlugKitTrainTaskPlugin(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip_vision, vae, data_folder: str, plugin_name: str, resolution: int = 512,
                 steps: int = 1000, batch_size: int = 1, learning_rate: float = 1e-5, save_every: int = 250,
-                seed: int = 0, resume: bool = True, start: str = "input") -> io.NodeOutput:
+                seed: int = 0, resume: bool = True, start: str = "input", grad_accum: int = 1,
+                lr_scaling: str = "official", augment: bool = False, precision: str = "fp32",
+                validate_every: int = 0) -> io.NodeOutput:
         import comfy.utils
 
         from .scb_control import PluginHandle
@@ -265,8 +291,16 @@ class PlugKitTrainTaskPlugin(io.ComfyNode):
         bar = comfy.utils.ProgressBar(steps)
         unique_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
 
+        preview = [None]
+
+        def on_validation(step: int, image: torch.Tensor) -> None:
+            from PIL import Image
+
+            arr = (image[0].clamp(0, 1).numpy() * 255).round().astype("uint8")
+            preview[0] = ("PNG", Image.fromarray(arr), None)  # shown on the progress bar from now on
+
         def on_step(step: int, loss: float) -> None:
-            bar.update_absolute(step, steps)
+            bar.update_absolute(step, steps, preview[0])
             if step % 10 == 0 or step == steps:
                 log.info("Diff-Plugin training %s: step %d/%d loss %.4f", plugin_name, step, steps, loss)
             if unique_id is not None:
@@ -280,8 +314,16 @@ class PlugKitTrainTaskPlugin(io.ComfyNode):
         result, report = train_from_folder(
             model, clip_vision, vae, data_folder, output, name=output.stem, resolution=resolution,
             steps=steps, batch_size=batch_size, learning_rate=learning_rate, save_every=save_every, seed=seed,
-            resume=resume, start_from_noise=start == "noise", on_step=on_step, node=node)
-        return io.NodeOutput(PluginHandle(result.plugin, source=str(output)), report, ui=ui.PreviewText(report))
+            resume=resume, start_from_noise=start == "noise", grad_accum=grad_accum, lr_scaling=lr_scaling,
+            augment=augment, precision=precision, validate_every=validate_every, on_step=on_step,
+            on_validation=on_validation, node=node)
+        curve = pt.loss_curve_image(result.losses, start_step=result.start_step)
+        if result.validations:
+            validation = torch.cat([image for _, image in result.validations])
+        else:
+            validation = torch.zeros(1, 64, 64, 3)
+        return io.NodeOutput(PluginHandle(result.plugin, source=str(output)), report, validation, curve,
+                             ui=ui.PreviewText(report))
 
 
 NODES = [PlugKitTrainTaskPlugin]

@@ -333,3 +333,29 @@ def test_torchrun_two_processes_train_as_one_with_the_same_global_batch(comfy, t
     assert rel < 1e-5, rel
     assert _rel(resumed, two) < WEIGHT_RTOL
     assert not list(tmp_path.rglob(".*.tmp"))
+
+
+# --- seeing it learn ------------------------------------------------------------------------------------
+
+def test_validation_images_and_loss_curve(frozen, tmp_path):
+    """validate_every 1: after each step the official inference (here 2 UniPC steps) on the first pair,
+    decoded, as input | plugin output | target; the images come back and through on_validation; the loss
+    curve is drawn from the losses (a curve differs from a flat one)."""
+    from plugkit.nodes.diff_plugin import plugin_training as pt
+    from plugkit.nodes.diff_plugin.train_nodes import train_from_folder
+
+    model, cv, vae, _, _ = frozen
+    data = write_pairs(tmp_path / "data", 2)
+    seen = []
+    result, _ = train_from_folder(model, cv, vae, str(data), tmp_path / "v.safetensors", name="v", resolution=64,
+                                  steps=2, save_every=0, learning_rate=1e-3, validate_every=1, validation_steps=2,
+                                  on_validation=lambda step, image: seen.append(step))
+    assert seen == [1, 2] and [s for s, _ in result.validations] == [1, 2]
+    for _, image in result.validations:
+        assert image.shape == (1, 64, 192, 3) and bool(torch.isfinite(image).all())
+        inp = pt.resize_crop(pt.load_image(sorted((data / "input").iterdir())[0]), 64)
+        assert torch.equal(image[:, :, :64], inp)  # left: the pair's input
+        assert float((image[:, :, 64:128] - inp).abs().mean()) > 1e-3  # middle: the sampled output
+    curve = pt.loss_curve_image([1.0, 0.5, 0.8, 0.2])
+    flat = pt.loss_curve_image([0.5, 0.5, 0.5, 0.5])
+    assert curve.shape == (1, 256, 512, 3) and float((curve - flat).abs().sum()) > 0
