@@ -250,8 +250,9 @@ class PlugKitTrainTaskPlugin(io.ComfyNode):
                                        "multiplied by batch_size x grad_accum (x GPUs); none: used as given."),
                 io.Boolean.Input("augment", default=False, optional=True,
                                  tooltip="Official --use_data_aug: random crop (p 1/2) and horizontal flip (p 1/2), "
-                                         "the same for both images, then resize to the resolution. Official "
-                                         "default: off (short side resized, centre crop)."),
+                                         "the same for both images, then resize to the resolution. Off (the "
+                                         "official default): short side resized, centre crop (the official "
+                                         "squashes the whole image to a square instead)."),
                 io.Combo.Input("precision", options=list(pt.PRECISIONS), default="fp32", optional=True,
                                tooltip="Compute dtype of the forward (autocast). The plugin keeps fp32 weights; "
                                        "fp16 uses loss scaling; bf16 needs a GPU that has it. fp32 is exact but "
