@@ -1,19 +1,25 @@
 """Training a Task-Plugin (TPB + SCB) on (degraded, clean) pairs, as the official ``train.py``:
-frozen U-Net / VAE / CLIP vision; epsilon MSE at uniform timesteps t in [0, 1000); AdamW (lr 1e-5,
-weight decay 1e-2, constant schedule); gradient norm clipped to 1.0 for the SCB and the TPB each.
+frozen U-Net / VAE / CLIP vision; epsilon MSE at uniform timesteps t in [0, 1000); AdamW (lr 1e-5 x
+global batch with the official scaling, weight decay 1e-2, constant schedule); gradient norm clipped
+to 1.0 for the SCB and the TPB each; optional gradient accumulation, the official ``--use_data_aug``
+crop and flip, fp16/bf16 autocast (fp16 with loss scaling) over fp32 plugin weights, and several
+processes (DistributedDataParallel under an initialised torch.distributed group).
 
 No ComfyUI import: the frozen models come in as callables (see ``train_nodes.py`` for the glue):
 - ``eps_model(x_t, t, context, residuals) -> eps`` (the U-Net with the residuals on its first three skips),
-- the pairs arrive pre-encoded (``EncodedPair``: clean and degraded latents, already scaled, and the
-  degraded image's CLIP vision last hidden states), since every frozen encoder output is constant.
+- ``encode(name, degraded, clean) -> EncodedPair`` (clean and degraded latents, already scaled, and the
+  degraded image's CLIP vision last hidden states), called by ``PairStream`` per sample as batches need
+  it: nothing is held for the whole dataset.
 
 Deviation from the official script, documented: the latents are the VAE posterior mean (the official
-script samples the posterior each step); encoding once makes a CPU/GPU step much cheaper.
+script samples the clean image's posterior each step).
 
 Checkpoints: the plugin ``.safetensors`` (metadata ``step``) plus ``<file>.optim.pt`` holding the
-AdamW state, both written atomically; ``resume`` continues from them. Every step's randomness comes
-from a generator seeded with (seed, step), so a resumed run repeats what an uninterrupted one does
-(to float level: kernels may reduce in another order from run to run).
+AdamW and loss-scaler state, both written atomically (rank 0); ``resume`` continues from them. Each
+sample's randomness (augmentation, noise, timestep) comes from a generator seeded with (seed, step,
+its index in the global batch), and the pair order from one seeded with (seed, step), so a resumed run
+repeats what an uninterrupted one does and any split of a global batch over micro-steps and processes
+draws the same samples (to float level: kernels may reduce in another order from run to run).
 """
 from __future__ import annotations
 

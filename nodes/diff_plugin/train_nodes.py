@@ -56,7 +56,12 @@ def trainable_patcher(model):
     (a plain ModelPatcher over weights of its own); any other patcher is used as it is (never mutated)."""
     is_dynamic = getattr(model, "is_dynamic", None)
     if callable(is_dynamic) and is_dynamic():
-        return model.clone(disable_dynamic=True)
+        try:
+            return model.clone(disable_dynamic=True)
+        except RuntimeError as exc:  # a dynamic patcher that was not loaded from a file cannot be re-loaded
+            raise ValueError(
+                f"Diff-Plugin training: input 'model': this dynamic-VRAM model cannot be copied for training ({exc}); "
+                "load it with a checkpoint loader, or start ComfyUI with --disable-dynamic-vram.") from exc
     return model
 
 
