@@ -77,14 +77,16 @@ def make_eps_model(model, precision: str = "fp32"):
     diffusion_model = model.model.diffusion_model
     device = model.load_device
     dtype = model.model.get_dtype()
-    weights = None
+    # The U-Net runs on detached views of its weights (functional_call): its parameters may have
+    # requires_grad set (ComfyUI leaves it on), and back-propagating into them would write .grad tensors
+    # (the U-Net's size again) onto the caller's model. Weights loaded inside ComfyUI's inference mode
+    # cannot be saved for backward: those are copied.
     state = diffusion_model.state_dict(keep_vars=True)
     if precision == "fp32" and dtype != torch.float32:
         weights = {k: v.detach().float() for k, v in state.items()}
         dtype = torch.float32
-    elif any(v.is_inference() for v in state.values()):
-        # weights loaded inside ComfyUI's inference mode cannot be saved for backward: use plain copies
-        weights = {k: v.detach().clone() for k, v in state.items()}
+    else:
+        weights = {k: v.detach().clone() if v.is_inference() else v.detach() for k, v in state.items()}
 
     def eps_model(x, t, context, residuals):
         def add_residual(h, hsp, transformer_options):
@@ -96,10 +98,7 @@ def make_eps_model(model, precision: str = "fp32"):
         kwargs = {"context": context.to(device, dtype),
                   "transformer_options": {"patches": {"output_block_patch": [add_residual]}}}
         args = (x.to(device, dtype), t.to(device))
-        if weights is None:
-            out = diffusion_model(*args, **kwargs)
-        else:
-            out = torch.func.functional_call(diffusion_model, weights, args, kwargs, strict=False)
+        out = torch.func.functional_call(diffusion_model, weights, args, kwargs, strict=False)
         return out.float()
 
     return eps_model

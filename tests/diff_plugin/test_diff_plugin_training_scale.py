@@ -359,3 +359,15 @@ def test_validation_images_and_loss_curve(frozen, tmp_path):
     curve = pt.loss_curve_image([1.0, 0.5, 0.8, 0.2])
     flat = pt.loss_curve_image([0.5, 0.5, 0.5, 0.5])
     assert curve.shape == (1, 256, 512, 3) and float((curve - flat).abs().sum()) > 0
+
+
+def test_training_leaves_the_frozen_unet_untouched(frozen, encoded, tmp_path):
+    """ComfyUI's U-Net parameters have requires_grad on; training must not back-propagate into them (no
+    .grad written onto the caller's model, no U-Net-sized gradient memory) nor change them."""
+    model = frozen[0]
+    params = list(model.model.diffusion_model.parameters())
+    assert any(p.requires_grad for p in params)  # the case this guards against
+    before = [p.detach().clone() for p in params[:8]]
+    train(frozen, encoded, tmp_path / "u.safetensors", steps=1)
+    assert all(p.grad is None for p in params)
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, params[:8]))
