@@ -363,7 +363,8 @@ def test_validation_images_and_loss_curve(frozen, tmp_path):
 
 def test_training_leaves_the_frozen_unet_untouched(frozen, encoded, tmp_path):
     """ComfyUI's U-Net parameters have requires_grad on; training must not back-propagate into them (no
-    .grad written onto the caller's model, no U-Net-sized gradient memory) nor change them."""
+    .grad written onto the caller's model, no U-Net-sized gradient memory) nor change them. Checked to
+    fail on the trainer before the fix (it called the U-Net module directly: every .grad was set)."""
     model = frozen[0]
     params = list(model.model.diffusion_model.parameters())
     assert any(p.requires_grad for p in params)  # the case this guards against
