@@ -40,6 +40,32 @@ class _ClipVisionFeatures:
         return {"last_hidden_state": torch.randn(image.shape[0], 257, 1024, generator=gen)}
 
 
+def training_section(pair_counts=(10, 1000), steps: int = 6, batch: int = 2) -> str:
+    """Streaming training on the tiny test models, each dataset size in a fresh process: pairs/s (after
+    the first step) and memory (peak RSS growth while training, and the process's peak RSS)."""
+    import json
+    import subprocess
+    import sys
+
+    rows = []
+    for n in pair_counts:
+        out = subprocess.run([sys.executable, str(Path(__file__).with_name("_diff_plugin_train_case.py")), str(n),
+                              str(steps), str(batch)], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    mib = 1024 * 1024
+    lines = [
+        "### Diff-Plugin training: streamed pairs",
+        f"Tiny SD1.x U-Net / VAE / CLIP vision of the tests, 64 px pairs, batch {batch}, {steps} steps, CPU, "
+        f"{rows[0]['threads']} threads, one fresh process per dataset size.",
+        "",
+        "| pairs | pairs/s | RSS growth while training (MiB) | peak RSS of the process (MiB) |",
+        "|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['pairs']:,} | {r['pairs_per_s']:.2f} | {r['rss_growth'] / mib:.1f} | {r['max_rss'] / mib:.1f} |")
+    return "\n".join(lines)
+
+
 def run(ctx) -> str:
     from plugkit.nodes.diff_plugin import plugin_files
     from plugkit.nodes.diff_plugin.plugin_nodes import apply_task_plugin
@@ -92,5 +118,7 @@ def run(ctx) -> str:
         f"| TPB | {n_tpb:,} |",
         f"| SCB | {n_scb:,} |",
         f"| Task-Plugin | {n_tpb + n_scb:,} |",
+        "",
+        training_section(),
     ]
     return "\n".join(lines)

@@ -12,6 +12,12 @@ Python, e.g. from the ComfyUI folder::
 resumes from ``--output`` (and its ``.optim.pt``) when they exist; with ``--no-resume`` an existing
 output is an error (never overwritten).
 
+Several GPUs (or CPU processes): start the same command with ``torchrun --nproc_per_node N`` instead of
+``python``. Each process then trains on its share of the global batch (``--batch-size`` per process x
+``--grad-accum`` x N) with DistributedDataParallel (NCCL on GPUs, gloo on CPU); rank 0 saves. The
+process group is set up by torch from torchrun's ``env://`` variables (torch reads them, this module
+does not).
+
 Every argument is checked before anything heavy is imported or loaded. A mistake is a ``UsageError``
 (cli.py prints its one line and exits 2); the module imports only the standard library at load time.
 """
@@ -67,8 +73,25 @@ def train_parser(prog: str = f"cli.py {TRAIN}") -> Parser:
     p.add_argument("--resolution", type=_number(int, 64, "a whole number", False), default=512,
                    help="training crop size in pixels, a multiple of 8, at least 64 (default 512)")
     p.add_argument("--steps", type=_number(int, 0, "a whole number", True), default=1000, help="total steps (> 0)")
-    p.add_argument("--batch-size", type=_number(int, 0, "a whole number", True), default=1)
-    p.add_argument("--learning-rate", type=_number(float, 0.0, "a number", True), default=1e-5)
+    p.add_argument("--batch-size", type=_number(int, 0, "a whole number", True), default=1,
+                   help="pairs per step and process (official train_batch_size; default 1)")
+    p.add_argument("--grad-accum", type=_number(int, 0, "a whole number", True), default=1,
+                   help="micro-batches accumulated per step (official gradient_accumulation_steps; default 1)")
+    p.add_argument("--learning-rate", type=_number(float, 0.0, "a number", True), default=1e-5,
+                   help="base AdamW learning rate (official 1e-5)")
+    p.add_argument("--lr-scaling", choices=["official", "none"], default="official",
+                   help="official (default, train.py's scale_lr): lr x batch size x grad accum x processes; "
+                        "none: the learning rate as given")
+    p.add_argument("--augment", action="store_true",
+                   help="official --use_data_aug: random crop (p 1/2) and horizontal flip (p 1/2), same for both "
+                        "images (default off, as the official default)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="compute dtype of the forward (autocast); the plugin keeps fp32 weights; fp16 uses loss "
+                        "scaling (default fp32)")
+    p.add_argument("--validate-every", type=_number(int, 0, "a whole number", False), default=0,
+                   help="every N steps write <output>.validation/step_N.png (input | plugin output | target, the "
+                        "official 20-step inference on the first pair); 0: never. The loss curve is written to "
+                        "<output>.loss.png at the end")
     p.add_argument("--save-every", type=_number(int, 0, "a whole number", False), default=250,
                    help="save every N steps (0: only at the end)")
     p.add_argument("--seed", type=_number(int, 0, "a whole number", False), default=0)
@@ -146,6 +169,17 @@ def _logging() -> None:
 
 def run_train(args: argparse.Namespace, output: Path, *, model=None, clip_vision=None, vae=None) -> int:
     _logging()
+    started = init_distributed()
+    try:
+        return _run_train(args, output, model=model, clip_vision=clip_vision, vae=vae)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run_train(args: argparse.Namespace, output: Path, *, model=None, clip_vision=None, vae=None) -> int:
     if model is None or vae is None:
         import comfy.sd
 
@@ -165,18 +199,71 @@ def run_train(args: argparse.Namespace, output: Path, *, model=None, clip_vision
             raise ValueError(f"--clip-vision: cannot load '{args.clip_vision}' ({type(exc).__name__}: {exc})") from exc
         if clip_vision is None:
             raise ValueError(f"--clip-vision: '{args.clip_vision}' is not a CLIP vision model")
+    from . import plugin_training as pt
     from .train_nodes import train_from_folder
 
+    rank, _ = pt.distributed_world()
+
     def on_step(step: int, loss: float) -> None:
-        if step % 10 == 0 or step == args.steps:
+        if rank == 0 and (step % 10 == 0 or step == args.steps):
             log.info("step %d/%d loss %.4f", step, args.steps, loss)
 
-    _, report = train_from_folder(
+    stem = output.with_suffix("")
+
+    def on_validation(step: int, image) -> None:
+        folder = stem.with_name(stem.name + ".validation")
+        folder.mkdir(exist_ok=True)
+        path = _save_png(image, folder / f"step_{step:06d}.png")
+        log.info("validation image: %s", path)
+
+    result, report = train_from_folder(
         model, clip_vision, vae, args.data, output, name=output.stem, resolution=args.resolution, steps=args.steps,
         batch_size=args.batch_size, learning_rate=args.learning_rate, save_every=args.save_every, seed=args.seed,
-        resume=not args.no_resume, start_from_noise=args.start == "noise", on_step=on_step, node="train-diff-plugin")
-    log.info("%s", report)
+        resume=not args.no_resume, start_from_noise=args.start == "noise", grad_accum=args.grad_accum,
+        lr_scaling=args.lr_scaling, augment=args.augment, precision=args.precision,
+        validate_every=args.validate_every, on_step=on_step, on_validation=on_validation, node="train-diff-plugin")
+    if rank == 0:
+        if result.losses:
+            _save_png(pt.loss_curve_image(result.losses, start_step=result.start_step),
+                      stem.with_name(stem.name + ".loss.png"))
+        log.info("%s", report)
     return 0
+
+
+def _save_png(image, path: Path) -> Path:
+    """[1, H, W, 3] in [0, 1] -> PNG, written atomically."""
+    import os
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    arr = (image[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    os.close(fd)
+    try:
+        Image.fromarray(arr).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def init_distributed() -> bool:
+    """Under torchrun (``torch.distributed.is_torchelastic_launched()``): join the process group by torch's
+    ``env://`` rendezvous, NCCL when CUDA is there, else gloo, and pick this process's GPU (its node-local
+    rank) before ComfyUI chooses a device. Returns whether a group was started here."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_torchelastic_launched() or dist.is_initialized():
+        return False
+    cuda = torch.cuda.is_available()
+    dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://")
+    if cuda:
+        torch.cuda.set_device(dist.get_node_local_rank(fallback_rank=dist.get_rank() % torch.cuda.device_count()))
+    return True
 
 
 def run_convert(args: argparse.Namespace, output: Path) -> int:

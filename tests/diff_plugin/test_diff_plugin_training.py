@@ -158,7 +158,8 @@ def test_node_and_cli(trainer_setup, tmp_path):
         res = PlugKitTrainTaskPlugin.execute(model=model, clip_vision=cv, vae=vae, data_folder=str(data),
                                              plugin_name="node_plugin", resolution=64, steps=1, save_every=0,
                                              learning_rate=1e-4, seed=0, resume=True, start="noise")
-        handle, report = res.result
+        handle, report, validation, curve = res.result
+        assert curve.shape == (1, 256, 512, 3) and validation.shape == (1, 64, 64, 3)  # no validation asked
         assert (tmp_path / "models" / "node_plugin.safetensors").is_file()
         assert handle.plugin.start_from_noise and "steps 0 -> 1" in report
         with pytest.raises(ValueError, match="input 'plugin_name'"):
@@ -223,7 +224,7 @@ def test_an_existing_plugin_is_never_overwritten(trainer_setup, train_folder):
     with pytest.raises(ValueError, match=r"resume is off; PlugKit never overwrites a plugin: turn input 'resume' on"):
         _node(trainer_setup, plugin_name="mine", steps=2)
     assert (train_folder / "mine.safetensors").read_bytes() == saved
-    _, report = _node(trainer_setup, plugin_name="mine", steps=2, resume=True).result
+    report = _node(trainer_setup, plugin_name="mine", steps=2, resume=True).result[1]
     assert "steps 1 -> 2" in report
     assert sorted(p.name for p in train_folder.iterdir()) == [
         "derain.safetensors", "mine.safetensors", "mine.safetensors.optim.pt"]  # no temporaries left
