@@ -255,8 +255,10 @@ def run_from_page(page, server, path: Path, name: str) -> dict:
     images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     assert images, f"{name} finished but produced no image"
 
-    # The page: the queue shows the finished job with its output image ...
-    page.sidebar("queue")
+    # The page: the queue (frontend 1.3x; the Assets tab, which lists generated outputs, since the
+    # queue tab went in 1.4x) shows the finished job with its output image ...
+    page.sidebar("queue" if page.js("return app.extensionManager.sidebarTab.sidebarTabs"
+                                    ".some(t => t.id === 'queue')") else "assets")
     names = [img["filename"] for img in images]
     shown = page.wait_for(f"{name}'s output image in the queue", lambda: page.js(
         "return [...document.querySelectorAll('.sidebar-content-container img')]"
