@@ -83,13 +83,21 @@ def test_comfyui_loads_the_locale(comfy, tmp_path, infos):
 
     import folder_paths
 
-    # After ComfyUI's `nodes` import (another test), comfy/ leads sys.path and `utils` would be comfy/utils.py;
-    # the app module needs the host's utils package, as in the server.
+    # After ComfyUI's `nodes` import (another test), comfy/ leads sys.path and `utils` may already be
+    # imported as comfy/utils.py; the app module needs the host's utils package, as in the server.
+    # Import it with the host root first and no `utils` module loaded, then put the earlier one back.
+    def utils_modules():
+        return [k for k in sys.modules if k == "utils" or k.startswith("utils.")]
+
+    earlier = {k: sys.modules.pop(k) for k in utils_modules()}
     sys.path.insert(0, str(comfy))
     try:
         from app.custom_node_manager import CustomNodeManager
     finally:
         sys.path.remove(str(comfy))
+        for k in utils_modules():
+            del sys.modules[k]
+        sys.modules.update(earlier)
 
     (tmp_path / "plugkit").symlink_to(REPO, target_is_directory=True)  # a registry install's folder name
     saved = folder_paths.folder_names_and_paths["custom_nodes"]
