@@ -154,10 +154,10 @@ def main() -> int:
                 from .models import CHECKPOINT_NAME
 
                 for node in prompt.values():
-                    name = node["inputs"].get("ckpt_name")
-                    if isinstance(name, str) and name != CHECKPOINT_NAME:
+                    ckpt = node["inputs"].get("ckpt_name")
+                    if isinstance(ckpt, str) and ckpt != CHECKPOINT_NAME:
                         log.info("  stand-in: %s is the random SD1.5 checkpoint here (no random checkpoint "
-                                 "of that family is generated)", name)
+                                 "of that family is generated)", ckpt)
             try:
                 entry = server.run(prompt)
             except Exception as exc:  # report every workflow, then fail at the end
