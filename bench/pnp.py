@@ -22,11 +22,11 @@ import gc
 import logging
 import os
 import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench.live_tensors import LiveTensorBytes
 
 log = logging.getLogger(__name__)
 
@@ -34,35 +34,6 @@ STEPS = 5  # ddim_uniform: 5 steps; feature window int(5*0.8) = 4 steps, attenti
 SIZE = int(os.environ.get("PLUGKIT_PNP_BENCH_SIZE", 512))  # px; 512 -> the issue's 64x64 latent
 RECON = os.environ.get("PLUGKIT_PNP_BENCH_RECON", "") not in ("", "0")
 INVERSION_STEPS = tuple(int(v) for v in os.environ.get("PLUGKIT_PNP_BENCH_INVERSION", "5,10,20,40").split(","))
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of live tensor storage allocated inside the mode (views counted once)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.now, self.peak = {}, 0, 0
-
-    def _release(self, ptr):
-        entry = self.live[ptr]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.now -= entry[0]
-            del self.live[ptr]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor) and t.numel():
-                ptr = t.untyped_storage().data_ptr()
-                if ptr not in self.live:
-                    size = t.untyped_storage().nbytes()
-                    self.live[ptr] = [size, 0]
-                    self.now += size
-                    self.peak = max(self.peak, self.now)
-                self.live[ptr][1] += 1
-                weakref.finalize(t, self._release, ptr)
-        return out
 
 
 def _source_latent(vae, size=SIZE) -> torch.Tensor:

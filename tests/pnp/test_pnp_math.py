@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+from bench.live_tensors import LiveTensorBytes
+
 from plugkit.nodes.pnp.ddim_inversion import (
     SourceTrajectory,
     ddim_invert,
@@ -222,39 +224,6 @@ def test_bounded_attention_pca_equals_the_full_matrix_picture(scale, bounds):
     assert (img - _old_attention_pca_image(q, k, heads, h, w)).abs().max() <= 1e-4
 
 
-class _LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Peak bytes of live tensor storage allocated inside the mode (by storage, views counted once),
-    and the largest single allocation: measured allocations, not time."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.now, self.peak, self.largest = {}, 0, 0, 0
-
-    def _release(self, ptr):
-        entry = self.live[ptr]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.now -= entry[0]
-            del self.live[ptr]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        import weakref
-
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor) and t.numel():
-                ptr = t.untyped_storage().data_ptr()
-                if ptr not in self.live:
-                    size = t.untyped_storage().nbytes()
-                    self.live[ptr] = [size, 0]
-                    self.now += size
-                    self.peak = max(self.peak, self.now)
-                    self.largest = max(self.largest, size)
-                self.live[ptr][1] += 1
-                weakref.finalize(t, self._release, ptr)
-        return out
-
-
 def test_bounded_attention_pca_memory_stays_bounded_for_a_large_map():
     """N = 4096 tokens (a 64x64 map): the old view allocates heads x N x N float64 (256 MiB here);
     the bounded one, given 1 MiB chunks and a 2 MiB basis, never holds more than a few MiB."""
@@ -262,10 +231,10 @@ def test_bounded_attention_pca_memory_stays_bounded_for_a_large_map():
     n, heads = 64 * 64, 2
     q = torch.randn(n, 16, generator=g) * 3
     k = torch.randn(n, 16, generator=g) * 3
-    with _LiveTensorBytes() as small:  # the tracker itself, checked on the old view at N = 1024
+    with LiveTensorBytes() as small:  # the tracker itself, checked on the old view at N = 1024
         principal_components(self_attention(q[:1024], k[:1024], heads), 3)
     assert small.largest >= heads * 1024 * 1024 * 8
-    with _LiveTensorBytes() as mem:
+    with LiveTensorBytes() as mem:
         comps = attention_principal_components(q, k, heads, 3, chunk_bytes=2**20, matrix_bytes=0, basis_bytes=2 * 2**20)
     assert comps.shape == (n, 3) and bool(torch.isfinite(comps).all()) and float(comps[:, 0].std()) > 0
     assert mem.largest <= 2**20 + 2**16, mem.largest
