@@ -4,21 +4,14 @@ pairs/s and memory. Usage: python bench/_diff_plugin_train_case.py PAIRS STEPS B
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def main() -> int:
@@ -31,6 +24,7 @@ def main() -> int:
     from PIL import Image
 
     from plugkit.nodes.diff_plugin.train_nodes import train_from_folder
+    from tools.bench import rss_growth
     from tools.models import build_clip_vision, build_model, build_vae
 
     n, steps, batch = (int(a) for a in sys.argv[1:4])
@@ -45,28 +39,21 @@ def main() -> int:
             Image.fromarray(clean).save(root / "target" / f"{i:05d}.png")
             Image.fromarray(np.clip(clean.astype(int) + 40, 0, 255).astype(np.uint8)).save(root / "input" / f"{i:05d}.png")
         times = []
-        base = rss()
-        peak = [base]
-        done = threading.Event()
+        seconds = []
 
-        def poll():
-            while not done.is_set():
-                peak[0] = max(peak[0], rss())
-                time.sleep(0.005)
+        def train():
+            t0 = time.perf_counter()
+            train_from_folder(model, cv, vae, str(root), root / "p.safetensors", name="p", resolution=64, steps=steps,
+                              batch_size=batch, learning_rate=1e-4, save_every=0, seed=0,
+                              on_step=lambda step, loss: times.append(time.perf_counter()))
+            seconds.append(time.perf_counter() - t0)
 
-        thread = threading.Thread(target=poll, daemon=True)
-        thread.start()
-        t0 = time.perf_counter()
-        train_from_folder(model, cv, vae, str(root), root / "p.safetensors", name="p", resolution=64, steps=steps,
-                          batch_size=batch, learning_rate=1e-4, save_every=0, seed=0,
-                          on_step=lambda step, loss: times.append(time.perf_counter()))
-        total = time.perf_counter() - t0
-        done.set()
-        thread.join()
+        growth = rss_growth(train)
+        total = seconds[0]
     warm = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else total
     sys.stdout.write(json.dumps({
         "pairs": n, "steps": steps, "batch": batch, "pairs_per_s": batch / warm, "seconds": total,
-        "rss_growth": peak[0] - base, "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_growth": growth, "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "threads": torch.get_num_threads()}) + "\n")
     return 0
 

@@ -31,6 +31,29 @@ def _rss_bytes() -> int:
         return 0
 
 
+def rss_growth(fn: Callable[[], Any]) -> int:
+    """Growth of this process's resident memory during ``fn``, polled every 5 ms (CPU peak memory)."""
+    import threading
+
+    base = _rss_bytes()
+    peak = [base]
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.005)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return max(peak[0] - base, 0)
+
+
 class BenchContext:
     def __init__(self, repeats: int = 5):
         self.repeats = repeats
@@ -88,25 +111,7 @@ class BenchContext:
             base = torch.cuda.memory_allocated()
             fn()
             return torch.cuda.max_memory_allocated() - base
-        import threading
-
-        base = _rss_bytes()
-        peak = [base]
-        done = threading.Event()
-
-        def poll():
-            while not done.is_set():
-                peak[0] = max(peak[0], _rss_bytes())
-                time.sleep(0.005)
-
-        t = threading.Thread(target=poll, daemon=True)
-        t.start()
-        try:
-            fn()
-        finally:
-            done.set()
-            t.join()
-        return max(peak[0] - base, 0)
+        return rss_growth(fn)
 
     @staticmethod
     def ratio_table(rows: list[tuple[str, float]], baseline: str, unit: str = "s") -> str:
