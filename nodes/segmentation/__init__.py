@@ -6,10 +6,6 @@ Math (comfy-free, importable alone): ``pixel_classifier``, ``segmenter``. ComfyU
 """
 
 
-def __getattr__(name: str):
-    if name == "NODES":
-        from .nodes import NODES
+from ..lazy_nodes import node_list_getattr
 
-        globals()["NODES"] = NODES
-        return NODES
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = node_list_getattr(__name__)

@@ -20,7 +20,9 @@ import comfy.utils
 from ..comfy_io import io, ui
 from . import hooks
 from . import pixel_classifier as pc
-from .segmenter import DEFAULT_BLOCKS, DEFAULT_STEPS, Segmenter, parse_ints, safe_child
+from ..block_lists import parse_index_list
+from ..node_errors import check_choice
+from .segmenter import DEFAULT_BLOCKS, DEFAULT_STEPS, Segmenter, safe_child
 
 log = logging.getLogger(__name__)
 
@@ -180,17 +182,10 @@ class PlugKitFeatureSegmenterTrain(io.ComfyNode):
             except ValueError as exc:
                 raise ValueError(f"{node}: input 'label_image' {exc}.") from None
             source = "label_image"
-        if resolution not in RESOLUTIONS:
-            raise ValueError(f"{node}: input 'resolution' is {resolution!r}; use one of {list(RESOLUTIONS)}.")
-        try:
-            step_list = parse_ints(steps, 0, 999, "step")
-        except ValueError as exc:
-            raise ValueError(f"{node}: input 'steps': {exc}; use noise steps 0-999 such as '50, 150, 250'.") from None
+        check_choice(resolution, RESOLUTIONS, node, "resolution")
+        step_list = parse_index_list(steps, 0, 999, node, "steps", what="noise step")
         if str(blocks).strip():
-            try:
-                block_list = parse_ints(blocks, 0, n_blocks - 1, "block")
-            except ValueError as exc:
-                raise ValueError(f"{node}: input 'blocks': {exc}; this U-Net's decoder blocks are 0-{n_blocks - 1}.") from None
+            block_list = parse_index_list(blocks, 0, n_blocks - 1, node, "blocks")
         elif n_blocks in DEFAULT_BLOCKS:
             block_list = DEFAULT_BLOCKS[n_blocks]
         else:

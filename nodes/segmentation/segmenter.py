@@ -29,30 +29,6 @@ DEFAULT_STEPS = (50, 150, 250)
 DEFAULT_BLOCKS = {12: (5, 6, 7, 8, 9), 9: (2, 3, 4, 5, 6)}
 
 
-def parse_ints(text: str, low: int, high: int, what: str) -> tuple[int, ...]:
-    """``"50, 150, 250"`` or ``"5-8, 9"`` -> sorted unique ints in [low, high]; ValueError otherwise."""
-    out: set[int] = set()
-    for part in str(text or "").replace(";", ",").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part[1:]:
-                a, b = (int(p) for p in part.split("-", 1))
-                values = range(a, b + 1)
-            else:
-                values = range(int(part), int(part) + 1)
-        except ValueError:
-            raise ValueError(f"'{part}' is not a number or a range like 5-8") from None
-        for v in values:
-            if not low <= v <= high:
-                raise ValueError(f"{what} {v} is outside {low}-{high}")
-            out.add(v)
-    if not out:
-        raise ValueError(f"no {what}s given")
-    return tuple(sorted(out))
-
-
 @dataclass
 class Segmenter:
     family: str

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from plugkit.nodes.segmentation import pixel_classifier as pc
-from plugkit.nodes.segmentation.segmenter import Segmenter, parse_ints, safe_child
+from plugkit.nodes.segmentation.segmenter import Segmenter, safe_child
 
 
 def _members(n_classes=3, dim=12, k=5, seed=0):
@@ -168,11 +168,3 @@ def test_safe_child_refuses_traversal(tmp_path):
     assert safe_child(tmp_path, "faces/eyes.safetensors") is not None
     for bad in ("../a.safetensors", "/etc/passwd", "faces/../../a", "", "a\\..\\b", "C:x"):
         assert safe_child(tmp_path, bad) is None, bad
-
-
-def test_parse_ints():
-    assert parse_ints("50, 150,250", 0, 999, "step") == (50, 150, 250)
-    assert parse_ints("5-8, 9", 0, 11, "block") == (5, 6, 7, 8, 9)
-    for bad in ("", "a", "12"):
-        with pytest.raises(ValueError):
-            parse_ints(bad, 0, 11, "block")
