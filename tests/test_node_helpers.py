@@ -55,3 +55,26 @@ def test_lazy_node_list_is_the_nodes_modules_list(comfy):
     assert seg.__dict__["NODES"] is nodes
     with pytest.raises(AttributeError):
         seg.NOT_THERE
+
+
+def test_run_scope_sets_state_for_the_run_only():
+    from plugkit.nodes.run_state import run_scope, run_state
+
+    shared_patch = object()
+    original = {"transformer_options": {"patches": {"output_block_patch": [shared_patch]}}, "x": 1}
+
+    class Guider:
+        model_options = original
+
+    guider = Guider()
+    with run_scope(guider, "k", "state") as state:
+        assert state == "state"
+        assert run_state(guider.model_options, "k") == "state"
+        assert run_state(guider.model_options["transformer_options"], "k") == "state"
+        assert guider.model_options["transformer_options"]["patches"]["output_block_patch"][0] is shared_patch
+    assert guider.model_options is original and "k" not in original["transformer_options"]
+    with pytest.raises(RuntimeError):
+        with run_scope(guider, "k", "state"):
+            raise RuntimeError("the run failed")
+    assert guider.model_options is original and run_state(original, "k") is None
+    assert run_state(None, "k") is None
