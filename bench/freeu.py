@@ -33,7 +33,7 @@ def run(ctx) -> str:
     import comfy.samplers  # noqa: F401  (host is on sys.path once ctx exists)
     import nodes as comfy_nodes
 
-    from plugkit.nodes.freeu.freeu_node import PlugKitFreeU
+    from plugkit.nodes.freeu.nodes import PlugKitFreeU
     from tools.models import random_conditioning, sample
 
     if "FreeU_V2" not in comfy_nodes.NODE_CLASS_MAPPINGS:
@@ -46,7 +46,7 @@ def run(ctx) -> str:
     latent = torch.zeros(LATENT)
 
     # The patch alone over one forward's 12 concats (batch 2, as with CFG).
-    from plugkit.nodes.freeu.freeu_patch import FreeUPatch
+    from plugkit.nodes.freeu.hooks import FreeUPatch
 
     core = comfy_nodes.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(model, B1, B2, S1, S2)[0]
     core_patch = core.model_options["transformer_options"]["patches"]["output_block_patch"][0]

@@ -32,7 +32,7 @@ def cached(memo, key, fn):
 
 
 def node():
-    from plugkit.nodes.freeu.freeu_node import PlugKitFreeU
+    from plugkit.nodes.freeu.nodes import PlugKitFreeU
 
     return PlugKitFreeU
 
@@ -52,7 +52,7 @@ def output_patches(m):
     return m.model_options["transformer_options"].get("patches", {}).get("output_block_patch", [])
 
 
-def freeu_patch_of(m):
+def our_patch(m):
     found = [p for p in output_patches(m) if getattr(p, "plugkit_freeu", False)]
     assert len(found) == 1
     return found[0]
@@ -101,7 +101,7 @@ def test_preset_matches_core_with_same_values(env, comfy_nodes):
     core = run(env, comfy_nodes.NODE_CLASS_MAPPINGS["FreeU_V2"]().patch(model, 1.5, 1.6, 0.9, 0.2)[0])
     mine = run(env, ours(model, 9, 9, 9, 9, preset="SD1.5"))  # the preset overrides the sliders
     assert (mine - core).abs().max() <= TOL
-    auto = freeu_patch_of(ours(model, 9, 9, 9, 9, preset="auto"))
+    auto = our_patch(ours(model, 9, 9, 9, 9, preset="auto"))
     assert (auto.b1, auto.b2, auto.s1, auto.s2) == (1.5, 1.6, 0.9, 0.2)  # tiny model is an SD15 config
 
 
@@ -110,7 +110,7 @@ def test_identity_factors_reproduce_unpatched_exactly(env, memo):
 
 
 def test_stages_by_channel_count(env, monkeypatch):
-    from plugkit.nodes.freeu.freeu_patch import FreeUPatch
+    from plugkit.nodes.freeu.hooks import FreeUPatch
 
     seen = []
     real = FreeUPatch._apply
@@ -150,7 +150,7 @@ def tiny_sdxl():
 
 
 def test_sdxl_layout_matches_core_and_uses_sdxl_stages(comfy, comfy_nodes, monkeypatch):
-    from plugkit.nodes.freeu.freeu_patch import FreeUPatch
+    from plugkit.nodes.freeu.hooks import FreeUPatch
     from tools.models import random_conditioning, sample
 
     model = tiny_sdxl()
@@ -174,7 +174,7 @@ def test_sdxl_layout_matches_core_and_uses_sdxl_stages(comfy, comfy_nodes, monke
 def test_range_gates_the_patch(env, monkeypatch):
     import comfy.samplers
 
-    from plugkit.nodes.freeu.freeu_patch import FreeUPatch
+    from plugkit.nodes.freeu.hooks import FreeUPatch
 
     model = env[0]
     applied = []
@@ -191,7 +191,7 @@ def test_range_gates_the_patch(env, monkeypatch):
     assert 0 < len(inside) < len(schedule)
     assert {round(s, 4) for s in applied} == {round(s, 4) for s in inside}
     assert len(applied) == len(inside) * 10  # 10 FreeU concats per step (cond+uncond batched)
-    patch = freeu_patch_of(m)  # the run's state lived in the run, not on the (shared) patch object
+    patch = our_patch(m)  # the run's state lived in the run, not on the (shared) patch object
     assert patch.sigma_start == pytest.approx(hi) and patch.sigma_end == pytest.approx(lo)
     assert not hasattr(patch, "suppressed") and not hasattr(patch, "_seen_sigmas")
     assert not any(k.startswith("plugkit_freeu") for k in m.model_options.get("transformer_options", {}))
@@ -204,7 +204,7 @@ def test_range_outside_every_step_is_the_plain_model(env, memo):
 
 
 def test_range_follows_model_sampling_applied_later(env, comfy_nodes, monkeypatch):
-    from plugkit.nodes.freeu.freeu_patch import FreeUPatch
+    from plugkit.nodes.freeu.hooks import FreeUPatch
 
     seen = []
     real = FreeUPatch.run_state
@@ -274,7 +274,7 @@ def test_core_freeu_after_plugkit_wins(env, memo, comfy_nodes, caplog):
     # The suppression was this run's, not the patch object's (clones share it since ComfyUI 0.14):
     # the same object on a model without the later core FreeU runs.
     alone = ours(model, 1.1, 1.2, 0.5, 0.5)
-    alone.model_options["transformer_options"]["patches"]["output_block_patch"] = [freeu_patch_of(chained)]
+    alone.model_options["transformer_options"]["patches"]["output_block_patch"] = [our_patch(chained)]
     assert torch.equal(run(env, alone), run(env, ours(model, 1.1, 1.2, 0.5, 0.5)))
     assert not torch.equal(run(env, alone), base_run(env, memo))
 
@@ -384,7 +384,7 @@ def test_x4_upscaler_resolution_aware_reference_is_its_4x_latent(comfy):
     so at its native latent the resolution-aware box was doubled."""
     model = tiny_x4_upscaler()
     m = ours(model, preset="SD2.1", threshold=1, threshold_mode="resolution-aware")
-    patch = freeu_patch_of(m)
+    patch = our_patch(m)
     assert patch.reference_latent == (128, 128)
     assert patch.threshold_for({"original_shape": [1, 4, 128, 128]}) == (1, 1)
     assert patch.threshold_for({"original_shape": [1, 4, 256, 256]}) == (2, 2)

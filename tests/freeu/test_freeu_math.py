@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from plugkit.nodes.freeu import fourier_filter as ff
-from plugkit.nodes.freeu import freeu_patch as fp
+from plugkit.nodes.freeu import hooks as fp
 from plugkit.nodes.freeu.backbone_scaling import scale_backbone, structure_map
 from plugkit.nodes.freeu.fourier_filter import (box_slices, fourier_filter, fourier_filter_any_device,
                                                 resolution_threshold)
-from plugkit.nodes.freeu.freeu_patch import FreeUPatch
+from plugkit.nodes.freeu.hooks import FreeUPatch
 from plugkit.nodes.freeu.presets import PRESETS, family_of, native_resolution, resolve
 
 
@@ -446,7 +446,7 @@ def conds_of(**keys):
 
 
 def test_cond_roles_by_guider_key_and_prompt_type():
-    from plugkit.nodes.freeu.freeu_patch import cond_roles
+    from plugkit.nodes.freeu.hooks import cond_roles
 
     # CFGGuider / sampling_function: [positive, negative]
     g = conds_of(positive=[{}], negative=[{}])
@@ -466,7 +466,7 @@ def test_cond_roles_by_guider_key_and_prompt_type():
 
 
 def test_cond_roles_copies_by_uuid_and_foreign_conds_unknown():
-    from plugkit.nodes.freeu.freeu_patch import cond_roles
+    from plugkit.nodes.freeu.hooks import cond_roles
 
     g = conds_of(positive=[{}, {}], negative=[{}])
     copy_pos = [dict(c) for c in g["positive"]][:1]  # a context window's copy of part of the list
@@ -480,7 +480,7 @@ def test_cond_roles_copies_by_uuid_and_foreign_conds_unknown():
 
 
 def test_patch_rows_follow_roles_not_codes():
-    from plugkit.nodes.freeu.freeu_patch import ROLES_KEY
+    from plugkit.nodes.freeu.hooks import ROLES_KEY
 
     h, hsp = rand(6, 32, 4, 4), rand(6, 32, 4, 4, seed=3)
     # DualCFG batch: chunks in the order [positive(2), middle(1), negative(0)] codes, conds [neg, mid, pos]

@@ -32,7 +32,7 @@ def spied_freeu(model, apply_to):
     ``record``: a list of (uuids of one model call, uuids whose rows FreeU changed in it). The spies
     are closures (ModelPatcher.clone deep-copies model_options; functions are kept, not copied).
     """
-    from plugkit.nodes.freeu.freeu_node import PlugKitFreeU
+    from plugkit.nodes.freeu.nodes import PlugKitFreeU
 
     saved, calls = {}, {}
 
@@ -165,8 +165,8 @@ def test_deprecated_perp_neg_node_empty_pass_is_unknown(env, apply_to, caplog):
 
 def test_roles_are_run_scoped(env):
     """Nothing of a run is left on the model: the run entry lives in the run's own model_options."""
-    from plugkit.nodes.freeu.freeu_node import RUN_KEY
-    from plugkit.nodes.freeu.freeu_patch import ROLES_KEY
+    from plugkit.nodes.freeu.nodes import RUN_KEY
+    from plugkit.nodes.freeu.hooks import ROLES_KEY
 
     model, latent, p = env
     m, _ = spied_freeu(model, "cond")

@@ -48,7 +48,7 @@ def svd(comfy):
 
 
 def ours(model, **kw):
-    from plugkit.nodes.freeu.freeu_node import PlugKitFreeU
+    from plugkit.nodes.freeu.nodes import PlugKitFreeU
 
     kw = {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2, **kw}
     return PlugKitFreeU.execute(model=model, **kw).result[0]
@@ -70,7 +70,7 @@ def test_svd_is_a_video_unet(svd):
 
 
 def test_svd_matches_core_freeu_v2_and_uses_channel_stages(svd, comfy_nodes, monkeypatch):
-    from plugkit.nodes.freeu.freeu_patch import FreeUPatch
+    from plugkit.nodes.freeu.hooks import FreeUPatch
 
     model = svd[0]
     base = run(svd, model)
@@ -90,7 +90,7 @@ def test_svd_matches_core_freeu_v2_and_uses_channel_stages(svd, comfy_nodes, mon
 
 
 def test_svd_apply_to_takes_whole_frame_chunks(svd, monkeypatch):
-    from plugkit.nodes.freeu.freeu_patch import FreeUPatch
+    from plugkit.nodes.freeu.hooks import FreeUPatch
 
     rows = []
     real = FreeUPatch._apply

@@ -19,7 +19,7 @@ import weakref
 
 from ..comfy_io import io
 from .backbone_scaling import VERSIONS
-from .freeu_patch import APPLY_TO, ROLES_KEY, RUN_STATE_KEY, THRESHOLD_MODES, FreeUPatch, cond_roles
+from .hooks import APPLY_TO, ROLES_KEY, RUN_STATE_KEY, THRESHOLD_MODES, FreeUPatch, cond_roles
 from .presets import CUSTOM, PRESET_OPTIONS, native_latent, preset_version, resolve
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def _freeu_outer_sample(executor, *args, **kwargs):
 
 
 def _freeu_calc_cond_batch(executor, model, conds, x_in, timestep, model_options, *args, **kwargs):
-    """Hand the patch the role of every conds index of this call (see freeu_patch.cond_roles)."""
+    """Hand the patch the role of every conds index of this call (see hooks.cond_roles)."""
     options = model_options.get("transformer_options")
     run = options.get(RUN_KEY) if isinstance(options, dict) else None
     guider = run["guider"]() if isinstance(run, dict) and run.get("guider") is not None else None
@@ -256,3 +256,6 @@ class PlugKitFreeU(io.ComfyNode):
             m.remove_wrappers_with_key(kind, WRAPPER_KEY)
             m.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
         return io.NodeOutput(m)
+
+
+NODES = [PlugKitFreeU]
