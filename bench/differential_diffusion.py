@@ -19,7 +19,7 @@ def run(ctx) -> str:
     import torch
 
     from plugkit.nodes.differential_diffusion.change_map import linear_gradient
-    from plugkit.nodes.differential_diffusion.nodes_differential_diffusion import (
+    from plugkit.nodes.differential_diffusion.nodes import (
         DenoiseMaskSchedule,
         PlugKitDifferentialDiffusion,
     )

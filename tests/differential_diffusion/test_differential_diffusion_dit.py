@@ -40,7 +40,7 @@ def model_samplings():
 def test_mask_function_uses_only_model_sampling(comfy, kind, schedule):
     import comfy.samplers
 
-    from plugkit.nodes.differential_diffusion.nodes_differential_diffusion import DenoiseMaskSchedule
+    from plugkit.nodes.differential_diffusion.nodes import DenoiseMaskSchedule
 
     sampling = model_samplings()[kind]
     sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", 6)
@@ -96,7 +96,7 @@ def run(env, model, noise_mask=None, **kw):
 
 
 def test_dit_keep_is_exact_and_gradient_is_followed(tiny_dit):
-    from plugkit.nodes.differential_diffusion.nodes_differential_diffusion import PlugKitDifferentialDiffusion
+    from plugkit.nodes.differential_diffusion.nodes import PlugKitDifferentialDiffusion
 
     model, lat, _, _ = tiny_dit
     m, out = PlugKitDifferentialDiffusion.execute(model=model, samples={"samples": lat},
@@ -114,7 +114,7 @@ def test_dit_keep_is_exact_and_gradient_is_followed(tiny_dit):
 
 
 def test_dit_parity_with_core(tiny_dit, comfy_nodes):
-    from plugkit.nodes.differential_diffusion.nodes_differential_diffusion import PlugKitDifferentialDiffusion
+    from plugkit.nodes.differential_diffusion.nodes import PlugKitDifferentialDiffusion
 
     model, lat, _, _ = tiny_dit
     change = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(1))

@@ -21,7 +21,7 @@ def env(dd_env):
 
 
 def nodes():
-    from plugkit.nodes.differential_diffusion.nodes_differential_diffusion import (
+    from plugkit.nodes.differential_diffusion.nodes import (
         PlugKitChangeMap,
         PlugKitDifferentialDiffusion,
     )

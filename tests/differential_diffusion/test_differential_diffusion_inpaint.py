@@ -33,7 +33,7 @@ def inpaint_conditioning(env, comfy_nodes, mask):
 
 
 def run_ours(env, comfy_nodes, change_map, *, convention="white=change", schedule="sigma", exact_keep=False, **kw):
-    from plugkit.nodes.differential_diffusion.nodes_differential_diffusion import PlugKitDifferentialDiffusion
+    from plugkit.nodes.differential_diffusion.nodes import PlugKitDifferentialDiffusion
     from tools.models import sample
 
     mask = change_map if convention == "white=change" else 1 - change_map  # InpaintModelConditioning: white = inpaint
@@ -84,7 +84,7 @@ def test_inpaint_model_follows_a_gradient(inpaint_env, comfy_nodes, schedule):
 def test_inpaint_model_without_inpaint_conditioning(inpaint_env, comfy_nodes):
     """A plain VAE-encoded latent also works: ComfyUI then gives the model the (rounded) noise mask and
     the unmasked latent as its extra inputs; "keep" stays exact with the step schedule and exact_keep."""
-    from plugkit.nodes.differential_diffusion.nodes_differential_diffusion import PlugKitDifferentialDiffusion
+    from plugkit.nodes.differential_diffusion.nodes import PlugKitDifferentialDiffusion
     from tools.models import sample
 
     model, vae, pixels, pos, neg = inpaint_env

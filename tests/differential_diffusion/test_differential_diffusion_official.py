@@ -152,7 +152,7 @@ def run_ours(env, steps, *, final_sigma_min=True, denoise=1.0, total_steps=0):
     import comfy.sample
     import comfy.samplers
 
-    from plugkit.nodes.differential_diffusion.nodes_differential_diffusion import PlugKitDifferentialDiffusion
+    from plugkit.nodes.differential_diffusion.nodes import PlugKitDifferentialDiffusion
     from tools.models import sample
 
     model, latent, noise, pos, neg = env

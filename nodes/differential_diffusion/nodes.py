@@ -245,3 +245,6 @@ class PlugKitChangeMap(io.ComfyNode):
             raise ValueError(f"{node}: input '{'image' if image is not None else 'mask'}': {e}") from None
         preview = out.unsqueeze(-1).expand(-1, -1, -1, 3).contiguous()
         return io.NodeOutput(out, preview, ui=ui.PreviewMask(out))
+
+
+NODES = [PlugKitDifferentialDiffusion, PlugKitChangeMap]
