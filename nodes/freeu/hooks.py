@@ -1,9 +1,16 @@
-"""The output-block patch that applies FreeU inside a ComfyUI U-Net, as a small callable object.
+"""What ComfyUI calls while sampling with FreeU: the output-block patch and two keyed wrappers.
 
-ComfyUI calls it before every decoder skip concat as ``patch(h, hsp, transformer_options)`` and
-concatenates what it returns. This module knows the shape of ``transformer_options`` (``sigmas``,
-``cond_or_uncond``, ``uuids``, ``original_shape``) and of a guider's ``conds`` but imports nothing
-from ComfyUI, so it is tested directly.
+``FreeUPatch``: ComfyUI calls it before every decoder skip concat as ``patch(h, hsp,
+transformer_options)`` and concatenates what it returns. ``attach`` puts it on a (cloned) model,
+replacing any FreeU already there, with the wrappers: ``freeu_outer_sample`` (OUTER_SAMPLE) makes
+the run object (``FreeURun``: the sigma range of the model actually sampled, a reference to the
+run's guider) and keeps it in the run's own transformer_options for the run
+(``run_state.run_scope``); ``freeu_calc_cond_batch`` (CALC_COND_BATCH) tells the patch the role
+(cond / uncond) of every conds index of that call, read from the guider's own conds.
+
+This module knows the shape of ``transformer_options`` (``sigmas``, ``cond_or_uncond``, ``uuids``,
+``original_shape``), of a guider's ``conds`` and of a ModelPatcher's patch lists, but imports
+nothing from ComfyUI, so it is tested directly.
 
 cond / uncond by role: ``cond_or_uncond`` holds, per batch chunk, the chunk's index in the list of
 conds the caller handed to ``calc_cond_batch``. That index means cond (0) / uncond (1) only for
@@ -15,20 +22,34 @@ role is what ComfyUI encodes that cond as (``prompt_type``: the cond's own, else
 
 Stages are found by the backbone's channel count: ``4 * model_channels`` gets (b1, s1) and
 ``2 * model_channels`` gets (b2, s2) -- the official rule, valid for every SD-style U-Net.
+
+Chaining: the FreeU node closest to the sampler wins. ``attach`` replaces any FreeU already on the
+model (an earlier PlugKitFreeU, or core FreeU / FreeU_V2) and logs what it replaced; a core FreeU
+node placed after it makes this one stand aside for the run (logged).
 """
 from __future__ import annotations
 
+import logging
+import re
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from ..node_errors import check_choice
+from ..run_state import run_scope, run_state
 from .backbone_scaling import scale_backbone
 from .fourier_filter import fourier_filter_any_device, resolution_threshold
 
+log = logging.getLogger(__name__)
+
+NODE_ID = "PlugKitFreeU"
 APPLY_TO = ("both", "cond", "uncond")
 THRESHOLD_MODES = ("fixed", "resolution-aware")
-RUN_STATE_KEY = "plugkit_freeu_patch_runs"  # transformer_options key: {id(patch): PatchRun}, this run only
+WRAPPER_KEY = "plugkit_freeu"
+OUTER_SAMPLE = "outer_sample"  # comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+CALC_COND_BATCH = "calc_cond_batch"  # comfy.patcher_extension.WrappersMP.CALC_COND_BATCH
+RUN_KEY = "plugkit_freeu_run"  # transformer_options key: this run's FreeURun (run_state.run_scope)
 ROLES_KEY = "plugkit_freeu_roles"  # transformer_options key: role per calc_cond_batch conds index
 _STANDARD_ROLES = ("cond", "uncond")  # sampling_function's [positive, negative]: used when no roles are given
 
@@ -88,6 +109,16 @@ class PatchRun:
     seen_active: bool = True
 
 
+@dataclass
+class FreeURun:
+    """One sampling run's FreeU state, under RUN_KEY in the run's transformer_options."""
+
+    patches: dict = field(default_factory=dict)  # id(FreeUPatch) -> PatchRun
+    guider: "weakref.ref | None" = None  # the run's guider (its conds give calc_cond_batch's roles)
+    by_role: bool = False  # some patch applies to cond or uncond only
+    warned: bool = False  # the foreign-conditioning warning was logged this run
+
+
 class FreeUPatch:
     """FreeU for one model: ``(h, hsp) -> (h', hsp')`` on the matching decoder stages.
 
@@ -103,11 +134,8 @@ class FreeUPatch:
                  reference_latent: tuple[int, int] = (64, 64), apply_to: str = "both",
                  start_percent: float = 0.0, end_percent: float = 1.0,
                  sigma_start: float | None = None, sigma_end: float | None = None):
-        if apply_to not in APPLY_TO:
-            raise ValueError(f"PlugKitFreeU: input 'apply_to' must be one of {', '.join(APPLY_TO)}, got {apply_to!r}.")
-        if threshold_mode not in THRESHOLD_MODES:
-            raise ValueError(f"PlugKitFreeU: input 'threshold_mode' must be one of {', '.join(THRESHOLD_MODES)}, "
-                             f"got {threshold_mode!r}.")
+        check_choice(apply_to, APPLY_TO, NODE_ID, "apply_to")
+        check_choice(threshold_mode, THRESHOLD_MODES, NODE_ID, "threshold_mode")
         self.model_channels = int(model_channels)
         self.b1, self.b2, self.s1, self.s2 = float(b1), float(b2), float(s1), float(s2)
         self.version = version
@@ -122,8 +150,8 @@ class FreeUPatch:
         self.sigma_start, self.sigma_end = sigma_start, sigma_end  # the node's own range (None = ungated)
 
     # Since ComfyUI 0.14 clones share this object: per-run state lives in the run's transformer_options
-    # (a PatchRun under RUN_STATE_KEY, set and removed by the node's OUTER_SAMPLE wrapper), never here.
-    def run_state(self, model_sampling=None, suppressed: bool = False) -> "PatchRun":
+    # (a PatchRun in the FreeURun under RUN_KEY, made by freeu_outer_sample), never here.
+    def patch_run(self, model_sampling=None, suppressed: bool = False) -> "PatchRun":
         """This patch's state for one run: the sigma range from the sampled model's model_sampling."""
         if model_sampling is not None and self.gated:
             return PatchRun(float(model_sampling.percent_to_sigma(self.start_percent)),
@@ -141,7 +169,8 @@ class FreeUPatch:
     # -- gating -----------------------------------------------------------------------------------
     def is_active(self, transformer_options: dict) -> bool:
         """Whether this step is inside [start_percent, end_percent] (one host sync per step at most)."""
-        state = (transformer_options.get(RUN_STATE_KEY) or {}).get(id(self))
+        run = run_state(transformer_options, RUN_KEY)
+        state = run.patches.get(id(self)) if run is not None else None
         if state is None:  # called outside the node's wrapper: the node's own range, uncached
             state = PatchRun(self.sigma_start, self.sigma_end)
         if state.suppressed:
@@ -209,3 +238,92 @@ class FreeUPatch:
             return None
         n = batch // len(codes)
         return [slice(i * n, (i + 1) * n) for i, keep in enumerate(chosen) if keep]
+
+
+# -- chaining and the wrappers ----------------------------------------------------------------------
+def is_core_freeu(patch) -> bool:
+    """A core FreeU / FreeU_V2 output-block patch (a closure defined in comfy_extras/nodes_freelunch)."""
+    module = getattr(patch, "__module__", "") or ""
+    qualname = getattr(patch, "__qualname__", "") or ""
+    # ComfyUI names extras modules by dotted name or by file path, depending on how they were loaded.
+    return re.split(r"[./\\]", module)[-1] == "nodes_freelunch" and qualname.startswith("FreeU")
+
+
+def _is_freeu(patch) -> bool:
+    return getattr(patch, "plugkit_freeu", False) or is_core_freeu(patch)
+
+
+def _describe(patch) -> str:
+    if getattr(patch, "plugkit_freeu", False):
+        return "an earlier PlugKitFreeU"
+    return "core " + getattr(patch, "__qualname__", "FreeU").split(".", 1)[0]
+
+
+def _output_block_patches(model_options: dict) -> list:
+    return model_options.get("transformer_options", {}).get("patches", {}).get("output_block_patch", [])
+
+
+def attach(m, patch: FreeUPatch) -> None:
+    """Put ``patch`` on the cloned ModelPatcher ``m`` in place of any FreeU already there, and the wrappers."""
+    existing = _output_block_patches(m.model_options)
+    if any(_is_freeu(p) for p in existing):
+        kept, at, replaced = [], None, []
+        for p in existing:
+            if _is_freeu(p):
+                replaced.append(_describe(p))
+                at = len(kept) if at is None else at
+            else:
+                kept.append(p)
+        kept.insert(at, patch)
+        m.model_options["transformer_options"]["patches"]["output_block_patch"] = kept
+        log.warning("%s: the input model already had FreeU (%s); it is replaced by this node's "
+                    "settings, not applied twice.", NODE_ID, ", ".join(replaced))
+    else:
+        m.set_model_output_block_patch(patch)
+    for kind, wrapper in ((OUTER_SAMPLE, freeu_outer_sample), (CALC_COND_BATCH, freeu_calc_cond_batch)):
+        m.remove_wrappers_with_key(kind, WRAPPER_KEY)
+        m.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
+
+
+def freeu_outer_sample(executor, *args, **kwargs):
+    """Per run: sigma range from the sampled model's own model_sampling; stand aside for a later FreeU."""
+    guider = executor.class_obj
+    patches = _output_block_patches(guider.model_options)
+    ours = [(i, p) for i, p in enumerate(patches) if getattr(p, "plugkit_freeu", False)]
+    if not ours:
+        return executor(*args, **kwargs)
+    core_at = [i for i, p in enumerate(patches) if is_core_freeu(p)]
+    model_sampling = guider.model_patcher.get_model_object("model_sampling")
+    run = FreeURun(guider=weakref.ref(guider), by_role=any(p.apply_to != "both" for _, p in ours))
+    for i, patch in ours:
+        later_core = any(j > i for j in core_at)
+        if later_core:
+            log.warning("%s: a core FreeU node was applied after it on the same model; the later FreeU "
+                        "wins, so %s is off for this run (no double application).", NODE_ID, NODE_ID)
+        run.patches[id(patch)] = patch.patch_run(model_sampling, suppressed=later_core)
+    with run_scope(guider, RUN_KEY, run):
+        return executor(*args, **kwargs)
+
+
+def freeu_calc_cond_batch(executor, model, conds, x_in, timestep, model_options, *args, **kwargs):
+    """Hand the patch the role of every conds index of this call (see cond_roles)."""
+    run = run_state(model_options, RUN_KEY)
+    guider = run.guider() if run is not None and run.guider is not None else None
+    if guider is None or not run.by_role:
+        return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
+    roles = cond_roles(conds, getattr(guider, "conds", None) or {}, getattr(guider, "original_conds", None))
+    if not run.warned and any(r is None for c, r in zip(conds, roles) if c is not None):
+        run.warned = True
+        log.warning("%s: a model pass this run uses conditioning that is not the guider's own positive or "
+                    "negative (%s); apply_to 'cond'/'uncond' leaves it unpatched (only 'both' patches it).",
+                    NODE_ID, type(guider).__name__)
+    options = model_options["transformer_options"]
+    previous = options.get(ROLES_KEY)
+    options[ROLES_KEY] = roles
+    try:
+        return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
+    finally:
+        if previous is None:
+            options.pop(ROLES_KEY, None)
+        else:
+            options[ROLES_KEY] = previous

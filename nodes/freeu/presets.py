@@ -16,6 +16,8 @@ Pure python: the family is found from the names ComfyUI gives its model configs 
 """
 from __future__ import annotations
 
+from ..node_errors import check_choice
+
 CUSTOM = "custom"
 AUTO = "auto"
 
@@ -121,7 +123,5 @@ def resolve(preset: str, b1: float, b2: float, s1: float, s2: float,
                 f"refiners, video, upscaler or other derived U-Nets. Pick a named preset to try its values "
                 f"on this model anyway ({', '.join(PRESETS)}), or set preset to 'custom' and enter b1/b2/s1/s2.")
         return PRESETS[family], family
-    if preset not in PRESETS:
-        raise ValueError(f"PlugKitFreeU: input 'preset': unknown preset {preset!r}; choose one of "
-                         f"{', '.join(PRESET_OPTIONS)}.")
+    check_choice(preset, PRESET_OPTIONS, "PlugKitFreeU", "preset")
     return PRESETS[preset], preset

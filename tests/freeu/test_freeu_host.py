@@ -207,8 +207,8 @@ def test_range_follows_model_sampling_applied_later(env, comfy_nodes, monkeypatc
     from plugkit.nodes.freeu.hooks import FreeUPatch
 
     seen = []
-    real = FreeUPatch.run_state
-    monkeypatch.setattr(FreeUPatch, "run_state",
+    real = FreeUPatch.patch_run
+    monkeypatch.setattr(FreeUPatch, "patch_run",
                         lambda self, ms=None, suppressed=False: seen.append(ms) or real(self, ms, suppressed))
     m = ours(env[0], start_percent=0.25, end_percent=0.75)
     m2 = comfy_nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]().patch(m, "eps", True)[0]  # zsnr

@@ -323,7 +323,7 @@ def test_patch_stages_by_channels():
 
 
 def in_run(o, patch, state):
-    o[fp.RUN_STATE_KEY] = {id(patch): state}
+    o[fp.RUN_KEY] = fp.FreeURun({id(patch): state})
     return o
 
 
@@ -331,7 +331,7 @@ def test_patch_gating_skips_math(monkeypatch):
     calls = []
     monkeypatch.setattr(FreeUPatch, "_apply", lambda self, h, hsp, b, s, o: calls.append(float(o["sigmas"][0])) or (h, hsp))
     p = FreeUPatch(8, 1.3, 1.4, 0.9, 0.2, start_percent=0.2, end_percent=0.6)
-    state = p.run_state(Sampling())  # range: sigma 8.0 .. 4.0
+    state = p.patch_run(Sampling())  # range: sigma 8.0 .. 4.0
     for sigma in (9.5, 8.5, 8.0, 6.0, 4.0, 3.9, 1.0):
         h, hsp = rand(2, 32, 4, 4), rand(2, 32, 4, 4)
         out = p(h, hsp, in_run(opts(sigma), p, state))
@@ -346,7 +346,7 @@ def test_patch_gating_skips_math(monkeypatch):
 
 def test_patch_gating_caches_per_step(monkeypatch):
     p = FreeUPatch(8, 1.3, 1.4, 0.9, 0.2, start_percent=0.5, end_percent=1.0)
-    state = p.run_state(Sampling())
+    state = p.patch_run(Sampling())
     o = in_run(opts(9.0), p, state)
     assert p.is_active(o) is False
     o["sigmas"][0] = 1.0  # same tensor object: the step's answer is cached
@@ -357,7 +357,7 @@ def test_patch_gating_caches_per_step(monkeypatch):
 def test_two_runs_sharing_one_patch_keep_their_own_state():
     """Since ComfyUI 0.14 clones share patch objects: one run's range or suppression never reaches another."""
     p = FreeUPatch(8, 1.3, 1.4, 0.9, 0.2, start_percent=0.2, end_percent=0.6)
-    first, second = p.run_state(Sampling(), suppressed=True), p.run_state(Sampling())
+    first, second = p.patch_run(Sampling(), suppressed=True), p.patch_run(Sampling())
     assert p.is_active(in_run(opts(6.0), p, first)) is False
     assert p.is_active(in_run(opts(6.0), p, second)) is True
     assert p.is_active(in_run(opts(9.0), p, second)) is False

@@ -165,8 +165,7 @@ def test_deprecated_perp_neg_node_empty_pass_is_unknown(env, apply_to, caplog):
 
 def test_roles_are_run_scoped(env):
     """Nothing of a run is left on the model: the run entry lives in the run's own model_options."""
-    from plugkit.nodes.freeu.nodes import RUN_KEY
-    from plugkit.nodes.freeu.hooks import ROLES_KEY
+    from plugkit.nodes.freeu.hooks import ROLES_KEY, RUN_KEY
 
     model, latent, p = env
     m, _ = spied_freeu(model, "cond")
