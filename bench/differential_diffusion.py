@@ -19,10 +19,8 @@ def run(ctx) -> str:
     import torch
 
     from plugkit.nodes.differential_diffusion.change_map import linear_gradient
-    from plugkit.nodes.differential_diffusion.nodes import (
-        DenoiseMaskSchedule,
-        PlugKitDifferentialDiffusion,
-    )
+    from plugkit.nodes.differential_diffusion.hooks import DenoiseMaskSchedule
+    from plugkit.nodes.differential_diffusion.nodes import PlugKitDifferentialDiffusion
     from tools.models import random_conditioning, sample
 
     model, _, _ = ctx.sd15_full()

@@ -3,7 +3,8 @@
 Technique: Levin & Fried, "Differential Diffusion: Giving Each Pixel Its Strength" (2023),
 official code exx8/differential-diffusion. ComfyUI core's DifferentialDiffusion node is the hook
 model (a denoise-mask function); this pack's code is written from those sources, not copied.
-The math lives in ``mask_schedule`` and ``change_map``; this file is glue.
+The math lives in ``mask_schedule`` and ``change_map``, the denoise-mask function in ``hooks``;
+this file is glue.
 """
 from __future__ import annotations
 
@@ -13,65 +14,15 @@ import math
 import torch
 
 from ..comfy_io import io, ui
+from ..node_errors import check_choice, input_error
 from . import change_map as cm
-from .mask_schedule import (
-    blend_strength,
-    sigma_free_mask,
-    sigma_threshold,
-    step_free_mask,
-    step_index,
-)
+from .hooks import SCHEDULES, DenoiseMaskSchedule, attach
 
 log = logging.getLogger(__name__)
 
 CATEGORY = "PlugKit/Differential Diffusion"
-SCHEDULES = ("sigma", "step")
-PAPER = "https://arxiv.org/abs/2306.00950"
-
-
-class DenoiseMaskSchedule:
-    """The denoise-mask function (``model_options["denoise_mask_function"]``).
-
-    Called by ComfyUI's sampler before every model evaluation with the current sigma, the latent's
-    noise mask (white = change, already at latent size) and ``extra_options`` holding the sampler's
-    ``sigmas`` (the steps actually run) and the wrapped model. Uses only the model's
-    ``model_sampling`` (sigma <-> timestep), never its network, so it works for U-Nets and DiTs.
-    Stateless between calls: the step index is derived from ``sigmas`` and the current sigma.
-    """
-
-    def __init__(self, schedule: str = "sigma", strength: float = 1.0, exact_keep: bool = False,
-                 total_steps: int = 0, first_step: int = 0):
-        self.schedule = schedule
-        self.strength = float(strength)
-        self.exact_keep = bool(exact_keep)
-        self.total_steps = int(total_steps)
-        self.first_step = int(first_step)
-
-    def __repr__(self) -> str:
-        return (f"DenoiseMaskSchedule(schedule={self.schedule!r}, strength={self.strength}, "
-                f"exact_keep={self.exact_keep}, total_steps={self.total_steps}, first_step={self.first_step})")
-
-    def __call__(self, sigma: torch.Tensor, denoise_mask: torch.Tensor, extra_options: dict) -> torch.Tensor:
-        sigmas = extra_options["sigmas"]
-        if self.schedule == "step":
-            run = max(len(sigmas) - 1, 1)
-            index = step_index(sigma.flatten()[0], sigmas)
-            last = index == run - 1
-            if self.total_steps > 0:  # global thresholds: this run is steps first_step.. of total_steps
-                index, steps = self.first_step + index, self.total_steps
-            else:
-                steps = run
-            binary = step_free_mask(denoise_mask, index, steps, self.exact_keep, last_of_run=last)
-        else:
-            sampling = extra_options["model"].inner_model.model_sampling
-            sigma_to = sampling.sigma_min
-            if sigmas[-1] > sigma_to:
-                sigma_to = sigmas[-1]
-            threshold = sigma_threshold(
-                sampling.timestep(sigma[0]), sampling.timestep(sigmas[0]), sampling.timestep(sigma_to)
-            )
-            binary = sigma_free_mask(denoise_mask, threshold, self.exact_keep)
-        return blend_strength(binary, denoise_mask, self.strength)
+DD_NODE = "PlugKitDifferentialDiffusion"
+MAP_NODE = "PlugKitChangeMap"
 
 
 def attach_change_map(samples: dict, change_map: torch.Tensor, convention: str, node: str,
@@ -86,15 +37,12 @@ def attach_change_map(samples: dict, change_map: torch.Tensor, convention: str, 
         raise ValueError(f"{node}: input 'change_map': {e}") from None
     bad = cm.check_finite(m)
     if bad is not None:
-        raise ValueError(
-            f"{node}: input 'change_map' holds {bad}; a change map must be finite values in 0..1. "
-            f"Fix the node that makes the map (a division by zero, an empty normalisation) or clean it first."
-        )
+        raise input_error(node, "change_map", f"holds {bad}; a change map must be finite values in 0..1",
+                          "fix the node that makes the map (a division by zero, an empty normalisation) "
+                          "or clean it first")
     if m.shape[0] not in (1, lat_b):
-        raise ValueError(
-            f"{node}: input 'change_map' has {m.shape[0]} maps but 'samples' holds a batch of {lat_b}; "
-            f"connect a single map (used for every item) or exactly {lat_b} maps (one per item)."
-        )
+        raise input_error(node, "change_map", f"has {m.shape[0]} maps but 'samples' holds a batch of {lat_b}",
+                          f"connect a single map (used for every item) or exactly {lat_b} maps (one per item)")
     map_hw = (m.shape[-2], m.shape[-1])
     if cm.aspect_mismatch(map_hw, lat_hw):
         log.warning(
@@ -110,13 +58,48 @@ def attach_change_map(samples: dict, change_map: torch.Tensor, convention: str, 
     return out
 
 
+def check_dd_inputs(strength, map_convention, schedule, map_resize, total_steps, first_step) -> None:
+    """Refuse bad PlugKitDifferentialDiffusion inputs (NaN included) with the node's error."""
+    if not (isinstance(strength, (int, float)) and math.isfinite(strength) and 0.0 <= strength <= 1.0):
+        raise input_error(DD_NODE, "strength", f"is {strength!r}", "use a number from 0 to 1 (1: Differential Diffusion)")
+    for name, value in (("total_steps", total_steps), ("first_step", first_step)):
+        if not (isinstance(value, int) and 0 <= value <= 10000):
+            raise input_error(DD_NODE, name, f"is {value!r}", "use a whole number from 0 to 10000")
+    if first_step > 0 and first_step >= total_steps:
+        raise input_error(DD_NODE, "first_step", f"({first_step}) needs 'total_steps' above it (got {total_steps})",
+                          "set total_steps to the full schedule's step count, or first_step to 0")
+    check_choice(map_resize, cm.RESIZE_MODES, DD_NODE, "map_resize")
+    check_choice(map_convention, cm.CONVENTIONS, DD_NODE, "map_convention")
+    check_choice(schedule, SCHEDULES, DD_NODE, "schedule")
+
+
+def check_map_inputs(image, mask, channel, gamma, contrast, blur_radius, levels, min_value, max_value):
+    """Refuse bad PlugKitChangeMap inputs (NaN included); returns (name, tensor) of the connected source."""
+    if (image is None) == (mask is None):
+        raise ValueError(f"{MAP_NODE}: connect exactly one of the inputs 'image' and 'mask' "
+                         f"({'both are' if image is not None else 'neither is'} connected).")
+    check_choice(channel, cm.CHANNELS, MAP_NODE, "channel")
+    for name, value, low, high in (("gamma", gamma, 0.05, 10.0), ("contrast", contrast, 0.0, 10.0),
+                                   ("blur_radius", blur_radius, 0.0, 256.0), ("min_value", min_value, 0.0, 1.0),
+                                   ("max_value", max_value, 0.0, 1.0), ("levels", levels, 0, 256)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+            raise input_error(MAP_NODE, name, f"is {value!r}", f"use a number from {low} to {high}")
+    if min_value > max_value:
+        raise input_error(MAP_NODE, "min_value", f"({min_value}) is above 'max_value' ({max_value})", "lower it")
+    source_name, source = ("image", image) if image is not None else ("mask", mask)
+    bad = cm.check_finite(source)
+    if bad is not None:
+        raise input_error(MAP_NODE, source_name, f"holds {bad}", "connect an image or mask of finite values in 0..1")
+    return source_name, source
+
+
 class PlugKitDifferentialDiffusion(io.ComfyNode):
     """Differential Diffusion with the change map on the node, both conventions and both schedules."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="PlugKitDifferentialDiffusion",
+            node_id=DD_NODE,
             display_name="Differential Diffusion (PlugKit)",
             category=CATEGORY,
             description=(
@@ -152,33 +135,10 @@ class PlugKitDifferentialDiffusion(io.ComfyNode):
     def execute(cls, model, samples, change_map, strength=1.0, map_convention=cm.WHITE_CHANGE,
                 schedule="sigma", exact_keep=False, map_resize=cm.RESIZE_BILINEAR, total_steps=0,
                 first_step=0) -> io.NodeOutput:
-        node = "PlugKitDifferentialDiffusion"
-        if not (isinstance(strength, (int, float)) and math.isfinite(strength) and 0.0 <= strength <= 1.0):
-            raise ValueError(f"{node}: input 'strength' is {strength!r}; use a number from 0 to 1 (1: Differential Diffusion).")
-        for name, value in (("total_steps", total_steps), ("first_step", first_step)):
-            if not (isinstance(value, int) and 0 <= value <= 10000):
-                raise ValueError(f"{node}: input '{name}' is {value!r}; use a whole number from 0 to 10000.")
-        if first_step > 0 and first_step >= total_steps:
-            raise ValueError(f"{node}: input 'first_step' ({first_step}) needs 'total_steps' above it (got {total_steps}); "
-                             f"set total_steps to the full schedule's step count, or first_step to 0.")
-        if map_resize not in cm.RESIZE_MODES:
-            raise ValueError(f"{node}: input 'map_resize' is {map_resize!r}; use one of {list(cm.RESIZE_MODES)}.")
-        if map_convention not in cm.CONVENTIONS:
-            raise ValueError(f"{node}: input 'map_convention' is {map_convention!r}; use one of {list(cm.CONVENTIONS)}.")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"{node}: input 'schedule' is {schedule!r}; use one of {list(SCHEDULES)}.")
-        latent = attach_change_map(samples, change_map, map_convention, node, map_resize)
+        check_dd_inputs(strength, map_convention, schedule, map_resize, total_steps, first_step)
+        latent = attach_change_map(samples, change_map, map_convention, DD_NODE, map_resize)
         m = model.clone()
-        previous = m.model_options.get("denoise_mask_function")
-        if previous is not None:
-            log.warning(
-                "%s: the model already has a denoise mask function (%r, e.g. from core Differential "
-                "Diffusion); it is replaced. Apply only one Differential Diffusion node per model.",
-                node, previous,
-            )
-        if schedule != "step" and (total_steps or first_step):
-            log.warning("%s: total_steps and first_step apply to schedule 'step' only; ignored for %r.", node, schedule)
-        m.set_model_denoise_mask_function(DenoiseMaskSchedule(schedule, strength, exact_keep, total_steps, first_step))
+        attach(m, DenoiseMaskSchedule(schedule, strength, exact_keep, total_steps, first_step), DD_NODE)
         return io.NodeOutput(m, latent)
 
 
@@ -188,7 +148,7 @@ class PlugKitChangeMap(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="PlugKitChangeMap",
+            node_id=MAP_NODE,
             display_name="Change Map (PlugKit)",
             category=CATEGORY,
             description="Turns an image (gradient, depth map, drawing) or a mask into a Differential Diffusion change map.",
@@ -218,31 +178,15 @@ class PlugKitChangeMap(io.ComfyNode):
     @classmethod
     def execute(cls, image=None, mask=None, channel="luminance", invert=False, gamma=1.0, contrast=1.0,
                 blur_radius=0.0, levels=0, min_value=0.0, max_value=1.0) -> io.NodeOutput:
-        node = "PlugKitChangeMap"
-        if (image is None) == (mask is None):
-            raise ValueError(f"{node}: connect exactly one of the inputs 'image' and 'mask' "
-                             f"({'both are' if image is not None else 'neither is'} connected).")
-        if channel not in cm.CHANNELS:
-            raise ValueError(f"{node}: input 'channel' is {channel!r}; use one of {list(cm.CHANNELS)}.")
-        for name, value, low, high in (("gamma", gamma, 0.05, 10.0), ("contrast", contrast, 0.0, 10.0),
-                                       ("blur_radius", blur_radius, 0.0, 256.0), ("min_value", min_value, 0.0, 1.0),
-                                       ("max_value", max_value, 0.0, 1.0), ("levels", levels, 0, 256)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
-                raise ValueError(f"{node}: input '{name}' is {value!r}; use a number from {low} to {high}.")
-        if min_value > max_value:
-            raise ValueError(f"{node}: input 'min_value' ({min_value}) is above 'max_value' ({max_value}); lower it.")
-        source_name, source = ("image", image) if image is not None else ("mask", mask)
-        bad = cm.check_finite(source)
-        if bad is not None:
-            raise ValueError(f"{node}: input '{source_name}' holds {bad}; connect an image or mask of finite values in 0..1.")
+        source_name, source = check_map_inputs(image, mask, channel, gamma, contrast, blur_radius, levels,
+                                               min_value, max_value)
         try:
             out = cm.build_change_map(
-                image if image is not None else mask, is_image=image is not None, channel=channel,
-                invert=invert, gamma=gamma, contrast=contrast, blur_radius=blur_radius, levels=levels,
-                low=min_value, high=max_value,
+                source, is_image=image is not None, channel=channel, invert=invert, gamma=gamma,
+                contrast=contrast, blur_radius=blur_radius, levels=levels, low=min_value, high=max_value,
             )
         except ValueError as e:
-            raise ValueError(f"{node}: input '{'image' if image is not None else 'mask'}': {e}") from None
+            raise ValueError(f"{MAP_NODE}: input '{source_name}': {e}") from None
         preview = out.unsqueeze(-1).expand(-1, -1, -1, 3).contiguous()
         return io.NodeOutput(out, preview, ui=ui.PreviewMask(out))
 
