@@ -8,7 +8,7 @@ Environment: ``PLUGKIT_SEG_BENCH_SIZE`` (px, default 512 = 64x64 latent), ``PLUG
 (b) segmentation time per image (features + vote + uncertainty at the image size);
 (c) feature memory: the feature tensor's size per image, and the peak memory growth of one
     segmentation of one image.
-The images are the segmentation workflow's drawn still lifes (tools/workflows_segmentation.py).
+The images are the segmentation workflow's drawn still lifes (tools/workflows/segmentation.py).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ ENSEMBLE = int(os.environ.get("PLUGKIT_SEG_BENCH_ENSEMBLE", 10))
 def _scenes(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     import numpy as np
 
-    from tools.workflows_segmentation import still_life
+    from tools.workflows.segmentation import still_life
 
     images, masks = [], []
     for k in range(n):

@@ -23,7 +23,7 @@ def run(ctx) -> str:
         DenoiseMaskSchedule,
         PlugKitDifferentialDiffusion,
     )
-    from tools.models import random_conditioning, sample
+    from tools.fixtures.models import random_conditioning, sample
 
     model, _, _ = ctx.sd15_full()
     latent = torch.randn(1, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(0)) * 4.0
