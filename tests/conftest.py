@@ -1,4 +1,4 @@
-"""Test harness: the real ComfyUI host (tools.host), the pack as package ``plugkit``, shared models.
+"""Test harness: the real ComfyUI host (tools.harness.host), the pack as package ``plugkit``, shared models.
 
 Tiers: tests/<technique>/test_*_math.py import only torch and the pack's math modules; host tests
 use the ``comfy`` fixture (real ComfyUI modules in-process); tests/e2e drives a real server.
@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # test-only: lets tests import tools.*
 
-from tools import host  # noqa: E402
+from tools.harness import host  # noqa: E402
 
 
 host.register_pack()
@@ -47,7 +47,7 @@ def comfy_nodes(comfy):
 @pytest.fixture
 def tiny_model(comfy):
     """A fresh tiny SD1.x-structured ModelPatcher (32 base channels, pass-through init)."""
-    from tools.models import build_model
+    from tools.fixtures.models import build_model
 
     return build_model(seed=0)
 
@@ -55,7 +55,7 @@ def tiny_model(comfy):
 @pytest.fixture(scope="session")
 def sd15_checkpoint(comfy):
     """Path of the deterministic random-weight full-size SD1.5 checkpoint (generated once)."""
-    from tools.models import ensure_random_sd15_checkpoint
+    from tools.fixtures.models import ensure_random_sd15_checkpoint
 
     return ensure_random_sd15_checkpoint()
 
@@ -76,9 +76,9 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, sd15_checkpoint):
     """The real ComfyUI server with PlugKit in custom_nodes and the random SD1.5 checkpoint."""
-    from tools.models import CHECKPOINT_NAME
-    from tools.server import ComfyServer
-    from tools.test_models import prepare_model_files
+    from tools.fixtures.models import CHECKPOINT_NAME
+    from tools.harness.server import ComfyServer
+    from tools.fixtures.model_files import prepare_model_files
 
     base = tmp_path_factory.mktemp("comfy_base")
     srv = ComfyServer(base, checkpoints={CHECKPOINT_NAME: sd15_checkpoint},

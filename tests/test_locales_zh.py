@@ -1,7 +1,7 @@
 """Chinese (zh) locale: every node, input, output and category of the live schemas has its Chinese
 text in locales/zh/, every node its js/docs/<NodeId>/zh.md, and ComfyUI's own loader reads the files.
 
-Regenerate after a schema change: ``.venv/bin/python -m tools.locales`` (texts: tools/locales_zh.py).
+Regenerate after a schema change: ``.venv/bin/python -m tools.node_docs.locales`` (texts: tools/node_docs/locales_zh.py).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ ZH = REPO / "locales" / "zh"
 
 @pytest.fixture(scope="module")
 def infos(comfy):
-    from tools.locales import live_node_infos
+    from tools.node_docs.locales import live_node_infos
 
     return live_node_infos()
 
@@ -29,11 +29,11 @@ def test_files_are_json(name):
 
 
 def test_every_node_input_output_and_category_has_chinese(infos):
-    from tools.locales import missing
+    from tools.node_docs.locales import missing
 
     assert len(infos) >= 11
     gaps = missing(infos)
-    assert not gaps, "missing Chinese texts (tools/locales_zh.py):\n" + "\n".join(gaps)
+    assert not gaps, "missing Chinese texts (tools/node_docs/locales_zh.py):\n" + "\n".join(gaps)
     node_defs = json.loads((ZH / "nodeDefs.json").read_text(encoding="utf-8"))
     for info in infos:
         entry = node_defs.get(info["name"])
@@ -49,8 +49,8 @@ def test_every_node_input_output_and_category_has_chinese(infos):
 
 def test_missing_entries_are_reported(infos):
     """Negative control: the check above fails when one input, one output or one node lacks its text."""
-    from tools import locales_zh
-    from tools.locales import missing
+    from tools.node_docs import locales_zh
+    from tools.node_docs.locales import missing
 
     info = next(i for i in infos if i["name"] == "PlugKitFreeU")
     texts = copy.deepcopy(locales_zh.NODES)
@@ -60,17 +60,17 @@ def test_missing_entries_are_reported(infos):
         "PlugKitFreeU: input 'b2' has no Chinese name and tooltip",
         "PlugKitFreeU: needs 1 output (name, tooltip) pairs, has 0"])
     del texts["PlugKitFreeU"]
-    assert missing([info], texts) == ["PlugKitFreeU: no entry in tools/locales_zh.py NODES"]
+    assert missing([info], texts) == ["PlugKitFreeU: no entry in tools/node_docs/locales_zh.py NODES"]
     grown = copy.deepcopy(info)
     grown["input"]["optional"]["new_input"] = ["INT", {"tooltip": "x"}]
     assert missing([grown]) == ["PlugKitFreeU: input 'new_input' has no Chinese name and tooltip"]
 
 
 def test_generated_files_are_current(infos):
-    from tools.locales import build, dump, help_page, help_page_text
+    from tools.node_docs.locales import build, dump, help_page, help_page_text
 
     node_defs, main = build(infos)
-    stale = "stale: run `.venv/bin/python -m tools.locales`"
+    stale = "stale: run `.venv/bin/python -m tools.node_docs.locales`"
     assert (ZH / "nodeDefs.json").read_text(encoding="utf-8") == dump(node_defs), stale
     assert (ZH / "main.json").read_text(encoding="utf-8") == dump(main), stale
     for info in infos:

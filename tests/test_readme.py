@@ -1,17 +1,17 @@
-"""The README's node reference matches the nodes' schemas (regenerate: python -m tools.node_reference)."""
+"""The README's node reference matches the nodes' schemas (regenerate: python -m tools.node_docs.node_reference)."""
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_readme_node_reference_is_current(comfy):
-    from tools.node_reference import current_reference, updated_readme
+    from tools.node_docs.node_reference import current_reference, updated_readme
 
     text = (REPO / "README.md").read_text()
     reference = current_reference()
     assert reference.strip(), "no nodes to document"
     assert updated_readme(text, reference) == text, (
-        "README.md's node reference is stale: run `.venv/bin/python -m tools.node_reference`")
+        "README.md's node reference is stale: run `.venv/bin/python -m tools.node_docs.node_reference`")
 
 
 def test_every_node_has_a_help_page_and_a_readme_section(comfy):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from tools.bench import BenchContext
-from tools.workflow import Workflow, WorkflowError, ui_to_api
+from tools.workflows.builder import Workflow, WorkflowError, ui_to_api
 
 INFO = {
     "Loader": {"input": {"required": {"ckpt_name": [["a.safetensors", "b.safetensors"], {}]}},
@@ -69,7 +69,7 @@ def test_comparison_sheet(tmp_path):
 
 
 def test_shorten_caps_steps_and_sizes_and_scales_loaded_images():
-    from tools.workflow import shorten
+    from tools.workflows.builder import shorten
 
     prompt = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "a.png"}},
@@ -119,9 +119,9 @@ def test_workflow_is_a_users_template(path):
     and every IMAGE a node makes is saved or previewed (an unconnected one never runs)."""
     from PIL import Image
 
-    from tools.models import CHECKPOINT_NAME
-    from tools.workflows_diff_plugin import CLIP_VISION_NAME
-    from tools.workflows_freeu import SDXL_CHECKPOINT
+    from tools.fixtures.models import CHECKPOINT_NAME
+    from tools.workflows.diff_plugin import CLIP_VISION_NAME
+    from tools.workflows.freeu import SDXL_CHECKPOINT
 
     ui = json.loads(path.read_text())
     text = path.read_text().lower()

@@ -8,7 +8,7 @@ checkpoint is replaced by it), else the models in ``COMFYUI_PATH``, else a rando
 checkpoint (generated once into the cache), whose pictures are noise.
 
 With CUDA or a real checkpoint the workflows run as shipped (512 px, the techniques' official step
-counts). On a CPU with the random checkpoint each one is shortened as it is queued (``tools.workflow.
+counts). On a CPU with the random checkpoint each one is shortened as it is queued (``tools.workflows.builder.
 shorten``: at most 4 steps, 128 px, a segmenter of 3 classifiers) and the demo says so; ``PLUGKIT_DEMO_FULL=1`` runs them as shipped
 anyway. The shipped files are never changed.
 """
@@ -23,9 +23,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .host import REPO, cache_dir
-from .server import ComfyServer
-from .workflow import CPU_SIZE, CPU_STEPS, shorten, ui_to_api
+from tools.harness.host import REPO, cache_dir
+from tools.harness.server import ComfyServer
+from tools.workflows.builder import CPU_SIZE, CPU_STEPS, shorten, ui_to_api
 
 log = logging.getLogger("plugkit.demo")
 
@@ -96,7 +96,7 @@ def _checkpoints() -> tuple[dict[str, Path], list[str], str | None]:
                         "  vae: models/vae\n  diff_plugin: models/diff_plugin\n")
         log.info("Using the models in %s/models.", comfy)
         return {}, ["--extra-model-paths-config", str(yaml)], None
-    from .models import CHECKPOINT_NAME, ensure_random_sd15_checkpoint
+    from tools.fixtures.models import CHECKPOINT_NAME, ensure_random_sd15_checkpoint
 
     log.warning("No PLUGKIT_CHECKPOINT and no models in COMFYUI_PATH: using a RANDOM-WEIGHT SD1.5 "
                 "checkpoint. The pictures will be noise because the weights are random; set "
@@ -115,7 +115,7 @@ def _shortened_run(random_weights: bool) -> bool:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from .test_models import prepare_model_files
+    from tools.fixtures.model_files import prepare_model_files
 
     workflows = sorted((REPO / "workflows").glob("*.json"))
     if not workflows:
@@ -151,7 +151,7 @@ def main() -> int:
                 for change in shorten(prompt):
                     log.info("  shortened: %s", change)
             if random_weights:
-                from .models import CHECKPOINT_NAME
+                from tools.fixtures.models import CHECKPOINT_NAME
 
                 for node in prompt.values():
                     ckpt = node["inputs"].get("ckpt_name")

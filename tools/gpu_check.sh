@@ -14,7 +14,7 @@ PY="${PLUGKIT_VENV:-.venv}/bin/python"
 [ -x "$PY" ] || bash tools/setup.sh || exit 1
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
   || { echo "gpu_check: torch sees no CUDA device; this check is for GPU machines" >&2; exit 2; }
-HOST="$("$PY" -m tools.host)" || exit 1
+HOST="$("$PY" -m tools.harness.host)" || exit 1
 TIERS="${GPU_CHECK_TIERS:-host e2e browser bench}"
 MODES=("default")
 if grep -q -- "--disable-dynamic-vram" "$HOST/comfy/cli_args.py"; then

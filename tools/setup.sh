@@ -22,7 +22,7 @@ if ! "$VPY" -c "import torch, torchvision" 2>/dev/null; then
   "$VPY" -m pip install --quiet $TORCH
 fi
 
-HOST=$("$VPY" -m tools.host)
+HOST=$("$VPY" -m tools.harness.host)
 echo "[setup] ComfyUI host: $HOST"
 
 # ComfyUI >= 0.20 imports torchaudio when loading comfy.sd. There is no torchaudio build for torch
@@ -39,7 +39,7 @@ fi
 STAMP="$VENV/.plugkit-setup-$(cat "$HOST/requirements.txt" requirements.txt tests/requirements.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ]; then
   echo "[setup] installing ComfyUI's requirements and the test dependencies"
-  "$VPY" -m tools.host requirements > "$VENV/host-requirements.txt"
+  "$VPY" -m tools.harness.host requirements > "$VENV/host-requirements.txt"
   "$VPY" -m pip install --quiet -r "$VENV/host-requirements.txt" -r requirements.txt -r tests/requirements.txt
   touch "$STAMP"
 fi

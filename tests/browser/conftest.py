@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PACK = "ComfyUI-PlugKit"  # the folder name tools.server links the pack under
+PACK = "ComfyUI-PlugKit"  # the folder name tools.harness.server links the pack under
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PACK = "ComfyUI-PlugKit"  # the folder name tools.server links the pack under
+PACK = "ComfyUI-PlugKit"  # the folder name tools.harness.server links the pack under
 
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 RUN_TIMEOUT = 3600  # seconds per workflow: 2 shared CPU cores, full-size SD1.5; never a pass/fail criterion
 
-# The page-side twin of tools.workflow.shorten: edits the opened graph's widgets as a user would.
+# The page-side twin of tools.workflows.builder.shorten: edits the opened graph's widgets as a user would.
 SHORTEN_JS = """
 const [CAPS, SIZE] = args; const changes = []; const g = app.graph;
 const link = id => (typeof g.links.get === 'function' ? g.links.get(id) : g.links[id]);
@@ -59,7 +59,7 @@ def shorten_in_page(page) -> list[str]:
     """On a CPU (random weights): shorten the open graph in the page; with CUDA run it as shipped."""
     import torch
 
-    from tools.workflow import CPU_CAPS, CPU_SIZE
+    from tools.workflows.builder import CPU_CAPS, CPU_SIZE
 
     if torch.cuda.is_available():
         return []
@@ -92,8 +92,8 @@ def _slug(name: str) -> str:
 
 def core_workflow(server, path: Path) -> Path:
     """A core-nodes-only workflow, used only while workflows/ is empty."""
-    from tools.models import CHECKPOINT_NAME
-    from tools.workflow import Workflow
+    from tools.fixtures.models import CHECKPOINT_NAME
+    from tools.workflows.builder import Workflow
 
     wf = Workflow(server.object_info())
     ckpt = wf.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT_NAME)

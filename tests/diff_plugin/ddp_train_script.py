@@ -9,12 +9,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tools import host  # noqa: E402
+from tools.harness import host  # noqa: E402
 
 host.register_pack()
 host.setup_in_process()
 
-from tools.models import build_clip_vision, build_model, build_vae  # noqa: E402
+from tools.fixtures.models import build_clip_vision, build_model, build_vae  # noqa: E402
 
 from plugkit.nodes.diff_plugin.train_cli import main  # noqa: E402
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 # The SCB config.json as released: one copy, shared with the workflow model generator.
-from tools.workflows_diff_plugin import RELEASED_SCB_CONFIG  # noqa: E402,F401
+from tools.workflows.diff_plugin import RELEASED_SCB_CONFIG  # noqa: E402,F401
 
 
 def random_state(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:

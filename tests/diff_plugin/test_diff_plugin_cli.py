@@ -145,8 +145,8 @@ def test_train_mistakes_are_found_before_the_checkpoint_loads(comfy, tmp_path):
 def test_train_from_the_command_line(comfy, sd15_checkpoint, tmp_path):
     """One training step of the full-size random SD1.5 with the random CLIP ViT-L/14 files, at 64 px."""
     from plugkit.nodes.diff_plugin import plugin_files as pf
-    from tools.test_models import prepare_model_files
-    from tools.workflows_diff_plugin import CLIP_VISION_NAME
+    from tools.fixtures.model_files import prepare_model_files
+    from tools.workflows.diff_plugin import CLIP_VISION_NAME
 
     clip_vision = prepare_model_files()[f"clip_vision/{CLIP_VISION_NAME}"]
     data = tmp_path / "pairs"

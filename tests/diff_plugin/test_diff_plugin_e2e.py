@@ -1,5 +1,5 @@
 """Diff-Plugin on the real ComfyUI server (the shared e2e server, with random-weight models in the
-released layout from tools.workflows_diff_plugin.prepare_models). The shipped workflows themselves
+released layout from tools.workflows.diff_plugin.prepare_models). The shipped workflows themselves
 run in tests/e2e with every other workflow; here: the server finds the released layout."""
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ def test_training_node_reports_live_loss_over_the_websocket(server, tmp_path):
 
     from plugkit.nodes.diff_plugin import plugin_files
     from test_diff_plugin_training import write_pairs
-    from tools.models import CHECKPOINT_NAME
-    from tools.workflow import Workflow
-    from tools.workflows_diff_plugin import CLIP_VISION_NAME
+    from tools.fixtures.models import CHECKPOINT_NAME
+    from tools.workflows.builder import Workflow
+    from tools.workflows.diff_plugin import CLIP_VISION_NAME
 
     data = write_pairs(tmp_path / "pairs", size=64)
     name = f"e2e_train_{uuid.uuid4().hex[:8]}"

@@ -2,7 +2,7 @@
 plugins here have a 32-channel SCB; the TPB and the SCB's structure are the released ones).
 
 CLIP vision and the VAE are real ComfyUI objects (``comfy.clip_vision.ClipVisionModel`` shaped like
-ViT-L/14 with 2 layers, ``comfy.sd.VAE`` with SD's layout and 32 channels, from tools.models), built
+ViT-L/14 with 2 layers, ``comfy.sd.VAE`` with SD's layout and 32 channels, from tools.fixtures.models), built
 once per module; tests/e2e runs the real loaders on full-size files."""
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def setup(comfy, tiny_model, tiny_clip_vision, tiny_vae):
 
 
 def run(model, positive, latent, steps=4, sampler="euler", **kw):
-    from tools.models import sample
+    from tools.fixtures.models import sample
 
     return sample(model, latent["samples"], positive, [], steps=steps, cfg=1.0, sampler=sampler, **kw)
 
@@ -137,7 +137,7 @@ def test_weight_patches_still_apply_and_the_model_is_not_mutated(setup):
     import copy
 
     from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitApplyTaskPlugin
-    from tools.models import build_model
+    from tools.fixtures.models import build_model
 
     model, cv, vae, img = setup
     key = "diffusion_model.input_blocks.1.0.in_layers.2.weight"
@@ -201,7 +201,7 @@ def test_control_api_copy_models_chain_and_cleanup(setup):
 
 def test_wrong_model_family_is_a_clear_error(comfy, setup):
     from plugkit.nodes.diff_plugin.plugin_nodes import apply_task_plugin
-    from tools.models import build_model, tiny_unet_config
+    from tools.fixtures.models import build_model, tiny_unet_config
 
     model, cv, vae, img = setup
     sd2_like = build_model(tiny_unet_config(context_dim=1024))

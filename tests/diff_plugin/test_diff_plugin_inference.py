@@ -152,7 +152,7 @@ def scb_state(handle) -> dict:
 def small(comfy, tiny_clip_vision, tiny_vae):
     """A 64 x 48 image (8 x 6 latent: cheap), one derain plugin applied, and the official model beside it."""
     from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitApplyTaskPlugin
-    from tools.models import build_model
+    from tools.fixtures.models import build_model
 
     model = build_model(seed=0)
     handle = make_handle()
@@ -244,7 +244,7 @@ def test_sampler_node_noise_start_equals_infer_random_noise(small, comfy_nodes, 
 
 
 def test_graph_route_warns_when_cfg_is_not_one(small, caplog):
-    from tools.models import random_conditioning, sample
+    from tools.fixtures.models import random_conditioning, sample
 
     m, positive, latent = small["m"], small["positive"], small["latent"]
     negative = random_conditioning(seed=3)

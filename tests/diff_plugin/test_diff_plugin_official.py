@@ -234,7 +234,7 @@ def step_setup(comfy, tiny_clip_vision, tiny_vae):
     from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitApplyTaskPlugin
     from plugkit.nodes.diff_plugin.scb_control import PluginHandle
     from plugkit.nodes.diff_plugin.task_plugin import TaskPlugin
-    from tools.models import build_model
+    from tools.fixtures.models import build_model
 
     model = build_model(seed=0)
     plugin = TaskPlugin("derain", scb_channels=32)
@@ -316,7 +316,7 @@ def official_loop(eps_fn, scb_cond, noise, steps: int = 20, random_noise: bool =
 def loops(step_setup):
     import comfy.sample
 
-    from tools.models import sample
+    from tools.fixtures.models import sample
 
     m, positive, latent, scb, unet = step_setup
     scb_cond = positive[0][1]["control"].cond_latent.detach()

@@ -1,5 +1,5 @@
 """Training a Task-Plugin on a tiny in-process SD1.x model (32 channels; SCB of 32 channels), with a
-real tiny ComfyUI VAE and CLIP vision (tools.models.build_vae / build_clip_vision)."""
+real tiny ComfyUI VAE and CLIP vision (tools.fixtures.models.build_vae / build_clip_vision)."""
 from __future__ import annotations
 
 import numpy as np

@@ -30,7 +30,7 @@ def write_pairs(root: Path, n: int, size: int = 64) -> Path:
 
 @pytest.fixture(scope="module")
 def frozen(comfy, tiny_clip_vision, tiny_vae):
-    from tools.models import build_model
+    from tools.fixtures.models import build_model
 
     from plugkit.nodes.diff_plugin.train_nodes import alphas_cumprod, make_eps_model
 

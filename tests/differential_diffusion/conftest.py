@@ -6,7 +6,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def dd_env(comfy):
-    from tools.models import build_model, random_conditioning
+    from tools.fixtures.models import build_model, random_conditioning
 
     gen = torch.Generator().manual_seed(7)
     latent = torch.randn(1, 4, 16, 16, generator=gen) * 4.0

@@ -57,8 +57,8 @@ def test_mask_function_uses_only_model_sampling(comfy, kind, schedule):
 
 
 def dit_env(kind: str, **cond_extra):
-    """A tiny random DiT built with ComfyUI's classes (tools.models), a latent and two conditionings."""
-    from tools.models import build_tiny_dit
+    """A tiny random DiT built with ComfyUI's classes (tools.fixtures.models), a latent and two conditionings."""
+    from tools.fixtures.models import build_tiny_dit
 
     patcher = build_tiny_dit(kind, seed=0)
     # ComfyUI's MMDiT registers pos_embed as an empty buffer (a checkpoint fills it) and random_init
@@ -93,7 +93,7 @@ def tiny_dit(request):
 
 
 def run(env, model, noise_mask=None, **kw):
-    from tools.models import sample
+    from tools.fixtures.models import sample
 
     _, lat, pos, neg = env
     kw.setdefault("cfg", 1.0)

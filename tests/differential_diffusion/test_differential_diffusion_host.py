@@ -31,7 +31,7 @@ def nodes():
 
 def run_ours(env, change_map, *, latent=None, strength=1.0, convention="white=change", schedule="sigma",
              exact_keep=False, map_resize="bilinear", **kw):
-    from tools.models import sample
+    from tools.fixtures.models import sample
 
     model, lat, pos, neg = env
     lat = lat if latent is None else latent
@@ -44,7 +44,7 @@ def run_ours(env, change_map, *, latent=None, strength=1.0, convention="white=ch
 
 
 def run_core(env, comfy_nodes, change_map, *, strength=1.0, **kw):
-    from tools.models import sample
+    from tools.fixtures.models import sample
 
     model, lat, pos, neg = env
     m = comfy_nodes.NODE_CLASS_MAPPINGS["DifferentialDiffusion"].execute(model, strength=strength).result[0]
@@ -54,7 +54,7 @@ def run_core(env, comfy_nodes, change_map, *, strength=1.0, **kw):
 
 
 def run_plain(env, *, latent=None, **kw):
-    from tools.models import sample
+    from tools.fixtures.models import sample
 
     model, lat, pos, neg = env
     kw.setdefault("cfg", CFG)
@@ -280,7 +280,7 @@ def test_replacing_another_denoise_mask_function_warns(env, comfy_nodes, caplog)
 
 def test_nothing_leaks_across_runs(env):
     """The step index comes from the sigmas of each run: a 0.6 run in between changes nothing."""
-    from tools.models import sample
+    from tools.fixtures.models import sample
 
     model, lat, pos, neg = env
     dd, _ = nodes()

@@ -16,7 +16,7 @@ SIZE = 128  # pixels; the latent is 16x16
 
 @pytest.fixture(scope="module")
 def inpaint_env(comfy):
-    from tools.models import build_model, build_vae, random_conditioning, tiny_unet_config
+    from tools.fixtures.models import build_model, build_vae, random_conditioning, tiny_unet_config
 
     model = build_model(tiny_unet_config(in_channels=9), seed=3)
     assert model.model.concat_keys == ("mask", "masked_image")  # ComfyUI sees an inpainting model
@@ -34,7 +34,7 @@ def inpaint_conditioning(env, comfy_nodes, mask):
 
 def run_ours(env, comfy_nodes, change_map, *, convention="white=change", schedule="sigma", exact_keep=False, **kw):
     from plugkit.nodes.differential_diffusion.nodes import PlugKitDifferentialDiffusion
-    from tools.models import sample
+    from tools.fixtures.models import sample
 
     mask = change_map if convention == "white=change" else 1 - change_map  # InpaintModelConditioning: white = inpaint
     pos, neg, latent = inpaint_conditioning(env, comfy_nodes, mask)
@@ -47,7 +47,7 @@ def run_ours(env, comfy_nodes, change_map, *, convention="white=change", schedul
 
 def test_inpaint_model_parity_with_core(inpaint_env, comfy_nodes):
     """Defaults equal core DifferentialDiffusion + InpaintModelConditioning (its noise mask = the map)."""
-    from tools.models import sample
+    from tools.fixtures.models import sample
 
     change = cm.linear_gradient(SIZE, SIZE)  # at image size: our default bilinear resize is core's
     ours, _ = run_ours(inpaint_env, comfy_nodes, change, cfg=2.0)
@@ -85,7 +85,7 @@ def test_inpaint_model_without_inpaint_conditioning(inpaint_env, comfy_nodes):
     """A plain VAE-encoded latent also works: ComfyUI then gives the model the (rounded) noise mask and
     the unmasked latent as its extra inputs; "keep" stays exact with the step schedule and exact_keep."""
     from plugkit.nodes.differential_diffusion.nodes import PlugKitDifferentialDiffusion
-    from tools.models import sample
+    from tools.fixtures.models import sample
 
     model, vae, pixels, pos, neg = inpaint_env
     latent = {"samples": vae.encode(pixels)}

@@ -119,7 +119,7 @@ def keep_map_at_image_size() -> torch.Tensor:
 def official_env(comfy):
     """The float64 tiny model, a float32 LATENT and noise, two float64 prompt embeddings. One CPU
     thread: float32 sums inside ComfyUI's sampler then do not depend on the thread count."""
-    from tools.models import build_model, random_conditioning
+    from tools.fixtures.models import build_model, random_conditioning
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -153,7 +153,7 @@ def run_ours(env, steps, *, final_sigma_min=True, denoise=1.0, total_steps=0):
     import comfy.samplers
 
     from plugkit.nodes.differential_diffusion.nodes import PlugKitDifferentialDiffusion
-    from tools.models import sample
+    from tools.fixtures.models import sample
 
     model, latent, noise, pos, neg = env
     m, lat = PlugKitDifferentialDiffusion.execute(

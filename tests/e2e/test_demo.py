@@ -5,7 +5,7 @@ changes laid over it, so the test checks what is on disk). Nothing is prepared f
 (``PLUGKIT_CACHE``) is a new empty folder, so the demo generates the random-weight checkpoint and the
 Diff-Plugin test models itself, as on a fresh machine. Two things are shared so the test does not
 download: the venv (``PLUGKIT_VENV``, which ``make`` and ``tools/setup.sh`` read) and the unpacked
-pinned ComfyUI (linked into the new cache where ``tools.host`` looks for it).
+pinned ComfyUI (linked into the new cache where ``tools.harness.host`` looks for it).
 
 It fails when ``make demo`` exits non-zero (e.g. ``ModuleNotFoundError: No module named 'comfy'``
 while generating the checkpoint: run against commit 9d561f8 it failed that way), when a workflow in
@@ -48,7 +48,7 @@ def fresh_clone(dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    from tools.host import comfyui_path
+    from tools.harness.host import comfyui_path
 
     host = comfyui_path()  # the unpacked pinned ComfyUI (or COMFYUI_PATH's checkout)
     work = tmp_path_factory.mktemp("fresh_machine")

@@ -21,9 +21,9 @@ import time
 
 import pytest
 
-from tools.models import CHECKPOINT_NAME
-from tools.server import ServerError
-from tools.workflow import Workflow
+from tools.fixtures.models import CHECKPOINT_NAME
+from tools.harness.server import ServerError
+from tools.workflows.builder import Workflow
 
 
 def _steps(server) -> int:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tools.models import CHECKPOINT_NAME
-from tools.workflow import Workflow, WorkflowError, shorten, ui_to_api
+from tools.fixtures.models import CHECKPOINT_NAME
+from tools.workflows.builder import Workflow, WorkflowError, shorten, ui_to_api
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
@@ -109,7 +109,7 @@ def _saved_latent(server, entry) -> bytes:
 
 def test_pack_changes_no_core_output(server, sd15_checkpoint, tmp_path):
     """The same core graph, same seed, with and without the pack: bitwise equal."""
-    from tools.server import ComfyServer
+    from tools.harness.server import ComfyServer
 
     prompt = core_graph(server.object_info())
     with_pack = _saved_latent(server, server.run(prompt))

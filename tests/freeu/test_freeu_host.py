@@ -13,7 +13,7 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def env(comfy):
     """(tiny SD1.x model, 16x16 latent, positive, negative), shared: nodes never modify the model."""
-    from tools.models import build_model, random_conditioning
+    from tools.fixtures.models import build_model, random_conditioning
 
     latent = torch.zeros(1, 4, 16, 16)
     return build_model(seed=0), latent, random_conditioning(seed=1), random_conditioning(seed=2)
@@ -42,7 +42,7 @@ def ours(model, b1=1.3, b2=1.4, s1=0.9, s2=0.2, **kw):
 
 
 def run(env, model, latent=None, **kw):
-    from tools.models import sample
+    from tools.fixtures.models import sample
 
     _, lat, pos, neg = env
     return sample(model, lat if latent is None else latent, pos, neg, steps=kw.pop("steps", STEPS), **kw)
@@ -132,7 +132,7 @@ def tiny_sdxl():
     import comfy.model_patcher
     import comfy.supported_models
 
-    from tools.models import passthrough_init, random_init
+    from tools.fixtures.models import passthrough_init, random_init
 
     cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
            "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
@@ -151,7 +151,7 @@ def tiny_sdxl():
 
 def test_sdxl_layout_matches_core_and_uses_sdxl_stages(comfy, comfy_nodes, monkeypatch):
     from plugkit.nodes.freeu.hooks import FreeUPatch
-    from tools.models import random_conditioning, sample
+    from tools.fixtures.models import random_conditioning, sample
 
     model = tiny_sdxl()
     gen = torch.Generator().manual_seed(5)
@@ -281,7 +281,7 @@ def test_core_freeu_after_plugkit_wins(env, memo, comfy_nodes, caplog):
 
 # -- models without a U-Net decoder -----------------------------------------------------------------
 def tiny_flux():
-    from tools.models import build_tiny_dit
+    from tools.fixtures.models import build_tiny_dit
 
     return build_tiny_dit("flux")
 
@@ -368,7 +368,7 @@ def tiny_x4_upscaler():
     import comfy.model_patcher
     import comfy.supported_models
 
-    from tools.models import random_init, tiny_unet_config
+    from tools.fixtures.models import random_init, tiny_unet_config
 
     cfg = tiny_unet_config(in_channels=7, context_dim=1024, use_linear_in_transformer=True)
     config = comfy.supported_models.SD_X4Upscaler(cfg)

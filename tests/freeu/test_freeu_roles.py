@@ -20,7 +20,7 @@ STEPS = 1
 
 @pytest.fixture(scope="module")
 def env(comfy, comfy_nodes):
-    from tools.models import build_model, random_conditioning
+    from tools.fixtures.models import build_model, random_conditioning
 
     prompts = {name: random_conditioning(seed=seed) for seed, name in enumerate(("pos", "mid", "neg", "empty"), 1)}
     return build_model(seed=0), torch.zeros(1, 4, 16, 16), prompts

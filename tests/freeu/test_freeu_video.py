@@ -22,7 +22,7 @@ def svd(comfy):
     import comfy.model_patcher
     import comfy.supported_models
 
-    from tools.models import passthrough_init, random_init
+    from tools.fixtures.models import passthrough_init, random_init
 
     cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
            "legacy": False, "num_classes": "sequential", "adm_in_channels": 768, "in_channels": 8,
@@ -40,7 +40,7 @@ def svd(comfy):
     passthrough_init(model.diffusion_model)
     cpu = torch.device("cpu")
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
-    from tools.models import random_conditioning
+    from tools.fixtures.models import random_conditioning
 
     pos = random_conditioning(tokens=1, dim=64, seed=1)
     neg = random_conditioning(tokens=1, dim=64, seed=2)
@@ -55,7 +55,7 @@ def ours(model, **kw):
 
 
 def run(svd, model, steps=2):
-    from tools.models import sample
+    from tools.fixtures.models import sample
 
     _, latent, pos, neg = svd
     return sample(model, latent, pos, neg, steps=steps, cfg=2.0)

@@ -15,7 +15,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def pnp_env(comfy):
     """(model, source latent, source conditioning, target cond, negative cond) at 16x16 latents."""
-    from tools.models import build_model, random_conditioning
+    from tools.fixtures.models import build_model, random_conditioning
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -56,7 +56,7 @@ def tiny_sdxl(comfy):
     import comfy.model_patcher
     import comfy.supported_models
 
-    from tools.models import passthrough_init, random_init
+    from tools.fixtures.models import passthrough_init, random_init
 
     config = comfy.supported_models.SDXL(dict(TINY_SDXL_UNET))
     config.set_inference_dtype(torch.float32, None)

@@ -8,7 +8,7 @@ import torch
 
 def _sample(model, env, latent=None, positive=None, negative=None, cfg=3.0, sampler="ddim",
             scheduler="ddim_uniform", **kw):
-    from tools.models import sample
+    from tools.fixtures.models import sample
 
     lat = env["inverted"]["samples"] if latent is None else latent
     return sample(model, lat, positive or env["target_cond"], negative or env["negative"], steps=env["steps"],
@@ -222,7 +222,7 @@ def test_off_schedule_runs_are_refused_naming_both_schedules(pnp_env, case):
 
 
 def test_a_sampler_that_adds_noise_is_refused(pnp_env):
-    from tools.models import sample
+    from tools.fixtures.models import sample
 
     env = pnp_env
     pm = _inject(env["model"], env)
@@ -532,7 +532,7 @@ def sdxl_conditioning(seed: int):
 
 
 def test_sdxl_uses_its_block_mapping_and_adm_input(tiny_sdxl, pnp_env):
-    from tools.models import sample
+    from tools.fixtures.models import sample
 
     from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject, PlugKitPnPInvert
 
@@ -562,7 +562,7 @@ def test_sdxl_uses_its_block_mapping_and_adm_input(tiny_sdxl, pnp_env):
 
 
 def test_long_target_prompt_and_control_padding(pnp_env):
-    from tools.models import random_conditioning
+    from tools.fixtures.models import random_conditioning
 
     from plugkit.nodes.pnp import injection as inj
 
@@ -699,7 +699,7 @@ def test_source_cache_equals_in_batch_and_skips_the_source_branch(pnp_env, mode,
 
 
 def test_source_cache_is_invalidated_by_model_prompt_and_schedule(pnp_env, comfy_nodes):
-    from tools.models import random_conditioning
+    from tools.fixtures.models import random_conditioning
 
     from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject, PlugKitPnPInvert
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from bench.live_tensors import LiveTensorBytes
+from tools.bench.live_tensors import LiveTensorBytes
 
 from plugkit.nodes.pnp.ddim_inversion import (
     SourceTrajectory,

@@ -50,7 +50,7 @@ def build_env() -> dict:
     """The float64 tiny model, source latent and prompts (also used to measure the docs' figures)."""
     import comfy.model_management
 
-    from tools.models import build_model, random_conditioning
+    from tools.fixtures.models import build_model, random_conditioning
 
     model = build_model(seed=0, dtype=DT)
     comfy.model_management.load_models_gpu([model])
@@ -96,7 +96,7 @@ def _official_inverted(env, steps, inversion_prompt, first_step_from_zero=False)
 
 
 def _ours(env, steps, features, attention, inversion_prompt="empty", source_prompt=None):
-    from tools.models import sample
+    from tools.fixtures.models import sample
 
     from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject
 
@@ -158,7 +158,7 @@ def test_official_999_inverts_at_every_model_timestep(comfy, steps):
     """inversion_resolution 'official 999' = preprocess.py's 999 steps: one per model timestep 0 -> t_top."""
     import comfy.samplers
 
-    from tools.models import build_model
+    from tools.fixtures.models import build_model
 
     from plugkit.nodes.pnp.nodes_pnp import inversion_schedule, timestep_warp
 

@@ -44,7 +44,7 @@ def textured_scene(seed: int, size: int = SIZE) -> tuple[torch.Tensor, torch.Ten
 
 
 def calibrated_vae(seed: int = 0):
-    from tools.models import build_vae
+    from tools.fixtures.models import build_vae
 
     vae = build_vae(seed=seed)
     fsm = vae.first_stage_model
@@ -56,7 +56,7 @@ def calibrated_vae(seed: int = 0):
 
 
 def conv_unet_config():
-    from tools.models import tiny_unet_config
+    from tools.fixtures.models import tiny_unet_config
 
     base = tiny_unet_config()
     return tiny_unet_config(transformer_depth=[0] * len(base["transformer_depth"]),
@@ -66,7 +66,7 @@ def conv_unet_config():
 
 @pytest.fixture(scope="module")
 def seg_env(comfy):
-    from tools.models import build_model
+    from tools.fixtures.models import build_model
 
     torch.set_num_threads(1)
     scenes = [textured_scene(s) for s in range(4)]

@@ -119,7 +119,7 @@ def _tiny_sdxl():
     import comfy.model_patcher
     import comfy.supported_models
 
-    from tools.models import random_init
+    from tools.fixtures.models import random_init
 
     cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
            "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
@@ -139,7 +139,7 @@ def _vae16():
     import comfy.ldm.models.autoencoder
     import comfy.sd
 
-    from tools.models import random_init
+    from tools.fixtures.models import random_init
 
     ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from bench.live_tensors import LiveTensorBytes
+from tools.bench.live_tensors import LiveTensorBytes
+from tools.harness.host import REPO
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def _source_latent(vae, size=SIZE) -> torch.Tensor:
     from PIL import Image
     import numpy as np
 
-    path = Path(__file__).resolve().parent.parent / "workflows" / "input" / "pnp_source.png"
+    path = REPO / "workflows" / "input" / "pnp_source.png"
     img = Image.open(path).convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
     pixels = torch.from_numpy(np.asarray(img).astype(np.float32) / 255.0)[None]
     return vae.encode(pixels[:, :, :, :3])
@@ -69,7 +70,7 @@ def _run(ctx) -> str:
 
     import comfy.ldm.modules.attention as attention_mod
 
-    from tools.models import sample
+    from tools.fixtures.models import sample
 
     from plugkit.nodes.pnp.feature_pca import attention_principal_components
     from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject, PlugKitPnPInvert
@@ -207,7 +208,7 @@ def _reconstruction(ctx, model, latent, empty, invert, source) -> list:
     import comfy.model_management
     import comfy.samplers
 
-    from tools.models import sample
+    from tools.fixtures.models import sample
 
     from plugkit.nodes.pnp.ddim_inversion import SourceTrajectory, ddim_invert, subdivide_schedule
     from plugkit.nodes.pnp.nodes_pnp import input_scale, timestep_warp

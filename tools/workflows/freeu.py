@@ -1,4 +1,4 @@
-"""Write FreeU's workflows: ``python -m tools.workflows_freeu``.
+"""FreeU's workflows (``python -m tools.workflows freeu`` writes them):
 
 - ``workflows/freeu_sd15.json``: checkpoint -> PlugKitFreeU -> KSampler -> decode -> save, beside
   the same sampler on the plain model (no FreeU node at all), so one run shows off vs on. The
@@ -13,12 +13,9 @@ The widget layout comes from a real server's /object_info, so the files match wh
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from .host import REPO
-from .models import CHECKPOINT_NAME
-from .server import generator_object_info
-from .workflow import Workflow
+from tools.fixtures.models import CHECKPOINT_NAME
+from tools.workflows.builder import Workflow
 
 log = logging.getLogger("plugkit.workflows_freeu")
 
@@ -45,7 +42,7 @@ def off_vs_on(info: dict, *, ckpt: str, size: int, steps: int, cfg: float, prefi
     return wf
 
 
-def build(info: dict) -> dict[str, Workflow]:
+def workflows(info: dict) -> dict[str, Workflow]:
     sd15 = off_vs_on(info, ckpt=CHECKPOINT_NAME, size=512, steps=50, cfg=7.5, prefix="freeu_sd15",
                      prompt="a cozy cabin on a snowy mountain, detailed illustration",
                      negative="blurry, low quality",
@@ -57,23 +54,3 @@ def build(info: dict) -> dict[str, Workflow]:
                      b1=1.3, b2=1.4, s1=0.9, s2=0.2, version="v2", start_percent=0.0, end_percent=1.0,
                      preset="auto", threshold=1, threshold_mode="resolution-aware", apply_to="both")
     return {"freeu_sd15.json": sd15, "freeu_sdxl.json": sdxl}
-
-
-def write(info: dict, directory: Path = REPO / "workflows") -> list[Path]:
-    paths = []
-    for name, wf in build(info).items():
-        path = directory / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        paths.append(wf.save(path))
-    return paths
-
-
-def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for path in write(generator_object_info("freeu")):
-        log.info("wrote %s", path.relative_to(REPO))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

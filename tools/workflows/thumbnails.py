@@ -1,6 +1,6 @@
 """Template-browser thumbnails: ``workflows/<name>.jpg``, a diagram of each shipped workflow.
 
-``python -m tools.thumbnails`` (also run by ``python -m tools.workflows_all``). The diagram is the
+``python -m tools.workflows.thumbnails`` (also run by ``python -m tools.workflows``). The diagram is the
 graph itself, drawn from the UI file: one box per node at its canvas position (PlugKit nodes
 highlighted), its title, and the links between them. No model output is shown (we ship no weights).
 ComfyUI's template browser shows ``/api/workflow_templates/<pack>/<name>.jpg`` beside ``<name>.json``.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .host import REPO
+from tools.harness.host import REPO
 
 log = logging.getLogger("plugkit.thumbnails")
 

@@ -21,7 +21,7 @@ def run(ctx) -> str:
     from plugkit.nodes.differential_diffusion.change_map import linear_gradient
     from plugkit.nodes.differential_diffusion.hooks import DenoiseMaskSchedule
     from plugkit.nodes.differential_diffusion.nodes import PlugKitDifferentialDiffusion
-    from tools.models import random_conditioning, sample
+    from tools.fixtures.models import random_conditioning, sample
 
     model, _, _ = ctx.sd15_full()
     latent = torch.randn(1, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(0)) * 4.0

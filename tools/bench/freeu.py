@@ -34,7 +34,7 @@ def run(ctx) -> str:
     import nodes as comfy_nodes
 
     from plugkit.nodes.freeu.nodes import PlugKitFreeU
-    from tools.models import random_conditioning, sample
+    from tools.fixtures.models import random_conditioning, sample
 
     if "FreeU_V2" not in comfy_nodes.NODE_CLASS_MAPPINGS:
         import asyncio

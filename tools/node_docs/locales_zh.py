@@ -1,9 +1,9 @@
-"""The Chinese (简体中文) texts of PlugKit's nodes: the source ``tools.locales`` builds
+"""The Chinese (简体中文) texts of PlugKit's nodes: the source ``tools.node_docs.locales`` builds
 ``locales/zh/nodeDefs.json`` and ``locales/zh/main.json`` from, together with the live schemas.
 
 One entry per node id: ``display_name``, ``description``, ``inputs`` {input id: (name, tooltip)},
 ``outputs`` [(name, tooltip)] in output order. When a node gains an input or output, add its texts
-here and run ``.venv/bin/python -m tools.locales``; the zh test fails while an entry is missing.
+here and run ``.venv/bin/python -m tools.node_docs.locales``; the zh test fails while an entry is missing.
 Technical names (FreeU, Diff-Plugin, SCB, TPB, CFG, PCA, seed values, option values) stay as they are.
 """
 from __future__ import annotations
@@ -315,7 +315,7 @@ NODES: dict[str, dict] = {
     },
 }
 
-# Extra notes of each node's Chinese help page (js/docs/<NodeId>/zh.md, written by tools.locales).
+# Extra notes of each node's Chinese help page (js/docs/<NodeId>/zh.md, written by tools.node_docs.locales).
 NOTES: dict[str, list[str]] = {
     "PlugKitFreeU": [
         "默认的附加输入下，结果与核心节点 **FreeU_V2**（`version` 为 v2）或 **FreeU**（v1）在相同 b/s 数值下完全一致。",

@@ -1,6 +1,6 @@
 """Writes the Diff-Plugin workflows, their input images, and random-weight test models.
 
-``python -m tools.workflows_diff_plugin``. Writes
+``python -m tools.workflows diff_plugin``. Writes
 - ``workflows/input/diffplugin_rain.png`` and ``diffplugin_rain_haze.png``: small degraded pictures
   (drawn here, 512x512, the size the released plugins expect: a house under rain streaks, the second
   also hazy);
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from .host import REPO, cache_dir
+from tools.harness.host import REPO, cache_dir
 
 log = logging.getLogger("plugkit.workflows.diff_plugin")
 
@@ -238,8 +238,8 @@ def prepare_models(directory: Path | None = None) -> dict[str, Path]:
 TEST_PICTURE_RESIZE = "none"
 
 def build_derain(info: dict):
-    from .models import CHECKPOINT_NAME
-    from .workflow import Workflow
+    from tools.fixtures.models import CHECKPOINT_NAME
+    from tools.workflows.builder import Workflow
 
     wf = Workflow(info)
     ckpt = wf.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT_NAME)
@@ -265,8 +265,8 @@ def build_derain(info: dict):
 
 
 def build_selector(info: dict):
-    from .models import CHECKPOINT_NAME
-    from .workflow import Workflow
+    from tools.fixtures.models import CHECKPOINT_NAME
+    from tools.workflows.builder import Workflow
 
     wf = Workflow(info)
     ckpt = wf.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT_NAME)
@@ -285,17 +285,5 @@ def build_selector(info: dict):
     return wf
 
 
-def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from .server import generator_object_info
-
-    write_images()
-    info = generator_object_info("diff_plugin", model_files=prepare_models())
-    for name, build in ((DERAIN_WORKFLOW, build_derain), (SELECTOR_WORKFLOW, build_selector)):
-        path = build(info).save(REPO / "workflows" / name)
-        log.info("wrote %s", path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def workflows(info: dict) -> dict:
+    return {DERAIN_WORKFLOW: build_derain(info), SELECTOR_WORKFLOW: build_selector(info)}

@@ -1,6 +1,6 @@
 """Writes the Plug-and-Play workflow and its input image.
 
-``python -m tools.workflows_pnp``. Writes
+``python -m tools.workflows pnp``. Writes
 - ``workflows/input/pnp_source.png``: a test picture (drawn here, 512x512);
 - ``workflows/pnp_sd15.json`` (UI format): LoadImage -> VAEEncode -> PlugKitPnPInvert (empty
   prompt for the inversion and the source branch) -> PlugKitPnPInject -> KSamplerAdvanced (ddim, ddim_uniform,
@@ -17,7 +17,7 @@ import logging
 
 from PIL import Image, ImageDraw
 
-from .host import REPO
+from tools.harness.host import REPO
 
 log = logging.getLogger("plugkit.workflows.pnp")
 
@@ -44,8 +44,8 @@ def source_image(size: int = SIZE) -> Image.Image:
 
 
 def build(info: dict):
-    from .models import CHECKPOINT_NAME
-    from .workflow import Workflow
+    from tools.fixtures.models import CHECKPOINT_NAME
+    from tools.workflows.builder import Workflow
 
     wf = Workflow(info)
     ckpt = wf.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT_NAME)
@@ -79,16 +79,5 @@ def write_images() -> None:
     source_image().save(inputs / SOURCE, optimize=True)
 
 
-def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from .server import generator_object_info
-
-    write_images()
-    info = generator_object_info("pnp")
-    path = build(info).save(REPO / "workflows" / WORKFLOW)
-    log.info("wrote %s", path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def workflows(info: dict) -> dict:
+    return {WORKFLOW: build(info)}

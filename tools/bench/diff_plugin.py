@@ -22,7 +22,7 @@ def _released_plugin_folder(root: Path) -> Path:
     import json
 
     from plugkit.nodes.diff_plugin.task_plugin import SpatialComplementBranch, TaskPromptBranch
-    from tools.workflows_diff_plugin import RELEASED_SCB_CONFIG
+    from tools.workflows.diff_plugin import RELEASED_SCB_CONFIG
 
     folder = root / "derain"
     (folder / "scb").mkdir(parents=True)
@@ -71,7 +71,7 @@ def run(ctx) -> str:
     from plugkit.nodes.diff_plugin.plugin_nodes import apply_task_plugin
     from plugkit.nodes.diff_plugin.scb_control import PluginHandle
     from plugkit.nodes.diff_plugin.task_plugin import parameter_count
-    from tools.models import sample
+    from tools.fixtures.models import sample
 
     model, _, vae = ctx.sd15_full()
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,6 +1,6 @@
 """PlugKit's benchmark runner: ``python -m tools.bench [technique ...]`` (or ``make bench``).
 
-Each technique has ``bench/<technique>.py`` with ``run(ctx) -> str`` returning a markdown section.
+Each technique has ``tools/bench/<technique>.py`` with ``run(ctx) -> str`` returning a markdown section.
 Cases are timed alternately in one run (A B C A B C ...), one warm-up each, and reported as medians
 and ratios, so machine noise hits every case alike. Results go to stdout and ``out/bench.md``.
 Benchmarks are never tests: nothing here asserts a time.
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .host import REPO, setup_in_process
+from tools.harness.host import REPO, setup_in_process
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class BenchContext:
         if self._sd15 is None:
             import comfy.sd
 
-            from .models import ensure_random_sd15_checkpoint
+            from tools.fixtures.models import ensure_random_sd15_checkpoint
 
             out = comfy.sd.load_checkpoint_guess_config(str(ensure_random_sd15_checkpoint()),
                                                         output_vae=True, output_clip=True)
@@ -124,8 +124,12 @@ class BenchContext:
         return "\n".join(lines)
 
 
+HELPERS = {"live_tensors"}  # modules here that are not benchmarks
+
+
 def discover() -> list[str]:
-    return sorted(p.stem for p in (REPO / "bench").glob("*.py") if not p.stem.startswith("_"))
+    return sorted(p.stem for p in Path(__file__).parent.glob("*.py")
+                  if not p.stem.startswith("_") and p.stem not in HELPERS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,11 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Device: {'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
         f"torch {torch.__version__}, {os.cpu_count()} CPU cores, {args.repeats} repeats, medians.",
     ]
-    if REPO not in map(Path, sys.path):
-        sys.path.insert(0, str(REPO))
     for name in names:
         log.info("== benchmark: %s", name)
-        module = importlib.import_module(f"bench.{name}")
+        module = importlib.import_module(f"tools.bench.{name}")
         sections.append(module.run(ctx))
     text = "\n\n".join(sections) + "\n"
     out = REPO / "out"
@@ -159,7 +161,3 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(text)
     log.info("written to %s", out / "bench.md")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

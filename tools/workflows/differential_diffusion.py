@@ -1,6 +1,6 @@
 """Writes the Differential Diffusion workflow, its input images and the docs picture.
 
-``python -m tools.workflows_differential_diffusion``. Writes
+``python -m tools.workflows differential_diffusion``. Writes
 - ``workflows/input/plugkit_dd_source.png``: a test picture (drawn here, 512x512);
 - ``workflows/input/plugkit_dd_gradient.png``: a left-to-right black-to-white gradient (512x512);
 - ``workflows/differential_diffusion_sd15.json`` (UI format): LoadImage -> VAEEncode; gradient ->
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .host import REPO
+from tools.harness.host import REPO
 
 log = logging.getLogger("plugkit.workflows.differential_diffusion")
 
@@ -80,8 +80,8 @@ def conventions_picture(cell: int = 160) -> Image.Image:
 
 
 def build(info: dict):
-    from .models import CHECKPOINT_NAME
-    from .workflow import Workflow
+    from tools.fixtures.models import CHECKPOINT_NAME
+    from tools.workflows.builder import Workflow
 
     wf = Workflow(info)
     ckpt = wf.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT_NAME)
@@ -115,16 +115,5 @@ def write_images() -> None:
     conventions_picture().save(REPO / "docs" / DOCS_PICTURE, optimize=True)
 
 
-def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from .server import generator_object_info
-
-    write_images()
-    info = generator_object_info("differential_diffusion")
-    path = build(info).save(REPO / "workflows" / WORKFLOW)
-    log.info("wrote %s", path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def workflows(info: dict) -> dict:
+    return {WORKFLOW: build(info)}

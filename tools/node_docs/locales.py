@@ -1,5 +1,5 @@
 """Writes ``locales/zh/nodeDefs.json`` and ``locales/zh/main.json`` from the nodes' live schemas and
-the Chinese texts in ``tools/locales_zh.py``: ``.venv/bin/python -m tools.locales``.
+the Chinese texts in ``tools/node_docs/locales_zh.py``: ``.venv/bin/python -m tools.node_docs.locales``.
 
 The files follow ComfyUI's i18n for custom nodes (ComfyUI 0.3.75 ``app/custom_node_manager.py``
 serves ``custom_nodes/<pack>/locales/<lang>/main.json``, with ``nodeDefs.json`` merged in under
@@ -18,7 +18,7 @@ import json
 import logging
 import sys
 
-from .host import REPO
+from tools.harness.host import REPO
 
 log = logging.getLogger("plugkit.locales")
 
@@ -28,7 +28,7 @@ LOCALES = REPO / "locales" / LANG
 
 def live_node_infos() -> list[dict]:
     """``GET_NODE_INFO_V1()`` of every node the pack registers (what /object_info serves)."""
-    from .host import setup_in_process
+    from tools.harness.host import setup_in_process
 
     setup_in_process()
     from plugkit.nodes.extension import all_nodes
@@ -46,7 +46,7 @@ def help_page(node_id: str):
 
 def missing(infos: list[dict], texts: dict | None = None, categories: dict | None = None) -> list[str]:
     """Every text the live schemas need and the source mapping lacks (empty: complete)."""
-    from . import locales_zh
+    from tools.node_docs import locales_zh
 
     texts = locales_zh.NODES if texts is None else texts
     categories = locales_zh.CATEGORIES if categories is None else categories
@@ -55,7 +55,7 @@ def missing(infos: list[dict], texts: dict | None = None, categories: dict | Non
         nid = info["name"]
         entry = texts.get(nid)
         if entry is None:
-            out.append(f"{nid}: no entry in tools/locales_zh.py NODES")
+            out.append(f"{nid}: no entry in tools/node_docs/locales_zh.py NODES")
             continue
         for key in ("display_name", "description"):
             if not str(entry.get(key, "")).strip():
@@ -80,7 +80,7 @@ def missing(infos: list[dict], texts: dict | None = None, categories: dict | Non
 
 def build(infos: list[dict]) -> tuple[dict, dict]:
     """(nodeDefs.json, main.json) contents for the live nodes."""
-    from . import locales_zh
+    from tools.node_docs import locales_zh
 
     node_defs = {}
     cats = set()
@@ -105,8 +105,8 @@ def _cell(v) -> str:
 
 
 def help_page_text(info: dict) -> str:
-    """The Chinese help page of one node, from its live schema and the texts in tools/locales_zh.py."""
-    from . import locales_zh
+    """The Chinese help page of one node, from its live schema and the texts in tools/node_docs/locales_zh.py."""
+    from tools.node_docs import locales_zh
 
     nid = info["name"]
     entry = locales_zh.NODES[nid]
@@ -140,7 +140,7 @@ def main() -> int:
     infos = live_node_infos()
     gaps = missing(infos)
     if gaps:
-        log.error("Chinese texts missing (add them to tools/locales_zh.py or js/docs/<NodeId>/zh.md):\n  %s",
+        log.error("Chinese texts missing (add them to tools/node_docs/locales_zh.py or js/docs/<NodeId>/zh.md):\n  %s",
                   "\n  ".join(gaps))
         return 1
     node_defs, main_json = build(infos)

@@ -1,6 +1,6 @@
 """Writes the feature-segmentation workflow and its input images.
 
-``python -m tools.workflows_segmentation``. Writes
+``python -m tools.workflows segmentation``. Writes
 - ``workflows/input/plugkit_seg_train_1.png``, ``plugkit_seg_train_2.png``: two still lifes (drawn
   here, 512x512) whose alpha channel holds the painted mask of the fruit (transparent = painted, as
   ComfyUI's mask editor saves it, so LoadImage's MASK output is the class);
@@ -22,7 +22,7 @@ import logging
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .host import REPO
+from tools.harness.host import REPO
 
 log = logging.getLogger("plugkit.workflows.segmentation")
 
@@ -62,8 +62,8 @@ def painted(img: Image.Image, mask: Image.Image) -> Image.Image:
 
 
 def build(info: dict):
-    from .models import CHECKPOINT_NAME
-    from .workflow import Workflow
+    from tools.fixtures.models import CHECKPOINT_NAME
+    from tools.workflows.builder import Workflow
 
     wf = Workflow(info)
     ckpt = wf.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT_NAME)
@@ -111,16 +111,5 @@ def write_images() -> None:
         still_life(*layout)[0].save(inputs / name, optimize=True)
 
 
-def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from .server import generator_object_info
-
-    write_images()
-    info = generator_object_info("segmentation")
-    path = build(info).save(REPO / "workflows" / WORKFLOW)
-    log.info("wrote %s", path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def workflows(info: dict) -> dict:
+    return {WORKFLOW: build(info)}

@@ -1,6 +1,6 @@
-"""One Diff-Plugin training benchmark case in its own process (run by bench/diff_plugin.py): the tiny SD1.x
+"""One Diff-Plugin training benchmark case in its own process (run by tools/bench/diff_plugin.py): the tiny SD1.x
 model, VAE and CLIP vision of the tests; N tiny pairs (64 px PNGs) streamed; prints one JSON line with
-pairs/s and memory. Usage: python bench/_diff_plugin_train_case.py PAIRS STEPS BATCH."""
+pairs/s and memory. Usage: python tools/bench/_diff_plugin_train_case.py PAIRS STEPS BATCH."""
 from __future__ import annotations
 
 import json
@@ -10,12 +10,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 
 
 def main() -> int:
-    from tools import host
+    from tools.harness import host
 
     host.register_pack()
     host.setup_in_process()
@@ -25,7 +25,7 @@ def main() -> int:
 
     from plugkit.nodes.diff_plugin.train_nodes import train_from_folder
     from tools.bench import rss_growth
-    from tools.models import build_clip_vision, build_model, build_vae
+    from tools.fixtures.models import build_clip_vision, build_model, build_vae
 
     n, steps, batch = (int(a) for a in sys.argv[1:4])
     model, cv, vae = build_model(seed=0), build_clip_vision(seed=0, layers=2, intermediate=256), build_vae(seed=0, channels=32)

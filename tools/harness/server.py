@@ -19,7 +19,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from .host import REPO, comfy_args, comfyui_path
+from tools.harness.host import REPO, comfy_args, comfyui_path
 
 log = logging.getLogger(__name__)
 
@@ -257,9 +257,9 @@ def decode_binary_message(data: bytes) -> dict:
 
 def generator_object_info(name: str, model_files: dict[str, Path] | None = None) -> dict:
     """``/object_info`` of a server with the pack and the random SD1.5 checkpoint, for the
-    workflow generators (tools/workflows_*.py), which lay widgets out from it."""
-    from .host import cache_dir
-    from .models import CHECKPOINT_NAME, ensure_random_sd15_checkpoint
+    workflow generators (tools/workflows/*.py), which lay widgets out from it."""
+    from tools.harness.host import cache_dir
+    from tools.fixtures.models import CHECKPOINT_NAME, ensure_random_sd15_checkpoint
 
     base = cache_dir() / f"workflows_{name}_base"
     with ComfyServer(base, checkpoints={CHECKPOINT_NAME: ensure_random_sd15_checkpoint()},

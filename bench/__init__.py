@@ -1,1 +1,0 @@
-"""Benchmarks, one module per technique: ``run(ctx) -> str`` (see tools/bench.py)."""
