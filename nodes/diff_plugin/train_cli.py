@@ -200,7 +200,7 @@ def _run_train(args: argparse.Namespace, output: Path, *, model=None, clip_visio
         if clip_vision is None:
             raise ValueError(f"--clip-vision: '{args.clip_vision}' is not a CLIP vision model")
     from . import plugin_training as pt
-    from .train_nodes import train_from_folder
+    from .runs import train_from_folder
 
     rank, _ = pt.distributed_world()
 

@@ -189,7 +189,7 @@ def output_path(plugin_name: str, node: str) -> Path:
     """models/diff_plugin/<plugin_name>.safetensors (in the first registered folder); a name that is absolute,
     climbs out with '..' or leads through a link out of the folder is refused. Creates only the folder."""
     from . import plugin_files
-    from .plugin_nodes import plugin_folders
+    from .nodes import plugin_folders
 
     parts = plugin_files.safe_relative_name(plugin_name.strip() if isinstance(plugin_name, str) else plugin_name)
     if parts is None:
@@ -285,7 +285,7 @@ class PlugKitTrainTaskPlugin(io.ComfyNode):
                 validate_every: int = 0) -> io.NodeOutput:
         import comfy.utils
 
-        from .scb_control import PluginHandle
+        from .hooks import PluginHandle
 
         node = "PlugKitTrainTaskPlugin"
         if start not in ("input", "noise"):
@@ -331,4 +331,3 @@ class PlugKitTrainTaskPlugin(io.ComfyNode):
                              ui=ui.PreviewText(report))
 
 
-NODES = [PlugKitTrainTaskPlugin]

@@ -142,7 +142,7 @@ def apply_task_plugin(model, handle, clip_vision, vae, image: torch.Tensor, stre
     resized by ``resize`` (official_resize)."""
     import comfy.patcher_extension
 
-    from .scb_control import TaskPluginControl, check_sd1_model
+    from .hooks import TaskPluginControl, check_sd1_model
 
     if image is None or image.ndim != 4:
         raise ValueError(f"{node}: input 'image' must be an IMAGE batch [B, H, W, C].")
@@ -300,7 +300,7 @@ class PlugKitTaskPluginLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, plugin_name: str) -> io.NodeOutput:
-        from .scb_control import PluginHandle
+        from .hooks import PluginHandle
 
         path = resolve(plugin_name, "PlugKitTaskPluginLoader", "plugin")
         name = Path(plugin_name).stem if path.is_file() else path.name
@@ -536,5 +536,7 @@ class PlugKitDiffPluginSigmas(io.ComfyNode):
         return io.NodeOutput(official_model_sigmas(model, steps))
 
 
+from .runs import PlugKitTrainTaskPlugin  # noqa: E402
+
 NODES = [PlugKitTaskPluginLoader, PlugKitApplyTaskPlugin, PlugKitPluginSelector, PlugKitRunPluginChain,
-         PlugKitDiffPluginSampler, PlugKitDiffPluginSigmas]
+         PlugKitDiffPluginSampler, PlugKitDiffPluginSigmas, PlugKitTrainTaskPlugin]
