@@ -1,38 +1,30 @@
-"""Diff-Plugin nodes: load Task-Plugins, apply one, select plugins from an instruction, run a chain.
+"""Diff-Plugin nodes: load Task-Plugins, apply one, select plugins from an instruction, run a chain, train one.
 
 Paper: Liu et al., "Diff-Plugin: Revitalizing Details for Diffusion-based Low-level Tasks", CVPR 2024
 (https://arxiv.org/abs/2403.00644); official code yuhaoliu7456/Diff-Plugin. The released plugin
-weights are CC BY-NC-SA 4.0 (non-commercial). The math lives in task_plugin.py / plugin_selector.py.
+weights are CC BY-NC-SA 4.0 (non-commercial). The math lives in task_plugin.py / plugin_selector.py /
+official_unipc.py / plugin_training.py, the model runs in runs.py, the sampling hooks in hooks.py, the
+models/diff_plugin folder in model_folders.py; this file is glue.
 """
 from __future__ import annotations
 
 import logging
-import math
-import os
-from pathlib import Path
-
-import torch
 
 from ..comfy_io import io, ui
-from . import official_resize, official_unipc, plugin_files
+from ..node_errors import check_choice
+from . import hooks, model_folders, runs
+from . import plugin_training as pt
 from .official_resize import RESIZE_INFER, RESIZE_RULES
-from .plugin_selector import RULE_OFFICIAL, RULES, select_plugins
+from .plugin_selector import RULE_OFFICIAL, RULES
+from .runs import OFFICIAL_SAMPLER, SAMPLER_STARTS, SAMPLERS, START_IMAGE, START_OFFICIAL, STARTS
 
 log = logging.getLogger(__name__)
 
-FOLDER = "diff_plugin"
 CATEGORY = "PlugKit/Diff-Plugin"
 TaskPluginType = io.Custom("PLUGKIT_TASK_PLUGIN")
 TaskPluginListType = io.Custom("PLUGKIT_TASK_PLUGIN_LIST")
 MAX_CANDIDATES = 8
-OFFICIAL_SAMPLER = "official"
-SAMPLERS = (OFFICIAL_SAMPLER, "uni_pc_bh2", "uni_pc", "euler", "dpmpp_2m", "ddim")
-START_OFFICIAL = "official (per task)"
-START_NOISE = "noise"
-START_IMAGE = "image"
-STARTS = (START_OFFICIAL, START_NOISE, START_IMAGE)
-SAMPLER_STARTS = (START_IMAGE, START_NOISE)
-CFG_WRAPPER_KEY = "plugkit_diff_plugin_cfg"
+TRAIN_STARTS = ("input", "noise")
 RESIZE_TOOLTIP = ("How the image is sized for the VAE / SCB (the CLIP input is always the original image, as in the "
                   "official scripts). infer.py (official default): a short side under 512 px is upscaled to 512, then "
                   "both sides are resized (not cropped) down to multiples of 8; larger images keep their size. "
@@ -43,235 +35,6 @@ START_TOOLTIP = ("The start latent. official (per task): pure noise for the lowl
                  "--inp_of_unet_is_random_noise and demo.py. noise: always pure noise. image: always the image's latent "
                  "(noised by the sampler).")
 SCHEDULERS = ("normal", "simple", "sgm_uniform", "karras")
-
-
-# --- models/diff_plugin -------------------------------------------------------------------------
-
-def plugin_folders() -> list[str]:
-    """Register ``models/diff_plugin`` with folder_paths (idempotent; called lazily, never at import)
-    and return every folder configured for it (extra_model_paths.yaml entries included)."""
-    import folder_paths
-
-    default = os.path.join(folder_paths.models_dir, FOLDER)
-    folder_paths.add_model_folder_path(FOLDER, default)
-    return folder_paths.get_folder_paths(FOLDER)
-
-
-def scan_folder() -> tuple[list[str], list[str]]:
-    """(plugin names, selector names) under every diff_plugin folder, as relative posix paths (a bounded
-    scan that never goes round a link loop: plugin_files.scan_plugin_folders)."""
-    scan = plugin_files.scan_plugin_folders(plugin_folders())
-    return scan.plugins, scan.selectors
-
-
-def resolve(name: str, node: str, what: str) -> Path:
-    """The plugin or selector ``name`` as the folder scan lists it. Any other name (missing, absolute, with
-    '..', not a plugin) gets the same error, so a prompt can neither load nor probe other files."""
-    path = plugin_files.resolve_name(name, plugin_folders(), what)
-    if path is not None:
-        return path
-    raise ValueError(
-        f"{node}: input '{what}_name': {what} {name!r} not found under models/{FOLDER} ({', '.join(plugin_folders())}). "
-        "Put the released plugin folders (e.g. derain/ with scb/ and tpb.pt) or .safetensors plugins there, "
-        "refresh (R) and pick one from the list."
-    )
-
-
-def _options(kind: int) -> list[str]:
-    try:
-        found = scan_folder()[kind]
-    except Exception as exc:  # listing must never break the node list
-        log.warning("Diff-Plugin: could not list models/%s: %s", FOLDER, exc)
-        found = []
-    return found
-
-
-# --- applying a plugin --------------------------------------------------------------------------
-
-def clip_hidden_states(clip_vision, image: torch.Tensor) -> torch.Tensor:
-    """CLIP ViT-L/14 last-layer hidden states (before the post-layernorm) of the 224 centre crop."""
-    return clip_vision.encode_image(image, crop=True)["last_hidden_state"].float()
-
-
-def encode_task_prompt(handle, clip_vision, image: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
-    """Fp [B, 256, 768] for the image: CLIP vision hidden states (computed here unless given) through the TPB."""
-    import comfy.model_management
-
-    if hidden is None:
-        hidden = clip_hidden_states(clip_vision, image)
-    with torch.no_grad():
-        fp = handle.plugin.task_prompt(hidden)
-    return fp.to(comfy.model_management.intermediate_device(), torch.float32)
-
-
-def check_choice(node: str, name: str, value: str, options) -> str:
-    """ComfyUI 0.3.75 does not validate V3 combo values: do it here, with the fix in the message."""
-    if value not in options:
-        raise ValueError(f"{node}: input '{name}' is {value!r}; use one of {list(options)}.")
-    return value
-
-
-def starts_from_noise(handle, start: str, node: str) -> bool:
-    check_choice(node, "start", start, STARTS)
-    if start == START_OFFICIAL:
-        return handle.plugin.start_from_noise
-    return start == START_NOISE
-
-
-def warn_if_guided(executor, *args, **kwargs):
-    """OUTER_SAMPLE wrapper of a model with a Task-Plugin applied: Diff-Plugin samples without guidance.
-    A stateless check of the guider's cfg, once per sampling run."""
-    guider = executor.class_obj
-    cfgs = [getattr(guider, name) for name in ("cfg", "cfg1", "cfg2") if isinstance(getattr(guider, name, None), (int, float))]
-    off = [c for c in cfgs if abs(float(c) - 1.0) > 1e-6]
-    if off:
-        log.warning(
-            "PlugKitApplyTaskPlugin: this model carries a Diff-Plugin Task-Plugin and is sampled with cfg %s. "
-            "Task-Plugins are sampled without guidance: set cfg to 1.0 in the sampler (KSampler's default 8.0 "
-            "washes the result out and mixes in the 'negative' conditioning, which has no plugin). For the exact "
-            "official sampler use Run Diff-Plugin Chain, or SamplerCustom with the Diff-Plugin sampler and sigmas.",
-            ", ".join(f"{float(c):g}" for c in off))
-    return executor(*args, **kwargs)
-
-
-def apply_task_plugin(model, handle, clip_vision, vae, image: torch.Tensor, strength: float = 1.0,
-                      node: str = "PlugKitApplyTaskPlugin", start: str = START_OFFICIAL, resize: str = RESIZE_INFER,
-                      fp: torch.Tensor | None = None):
-    """(model clone, CONDITIONING with Fp and the SCB control, LATENT start). Never mutates ``model``.
-    Fp comes from the original ``image`` (or is given, as the chain does); the VAE/SCB input is the image
-    resized by ``resize`` (official_resize)."""
-    import comfy.patcher_extension
-
-    from .hooks import TaskPluginControl, check_sd1_model
-
-    if image is None or image.ndim != 4:
-        raise ValueError(f"{node}: input 'image' must be an IMAGE batch [B, H, W, C].")
-    if image.shape[1] < 8 or image.shape[2] < 8:
-        raise ValueError(f"{node}: input 'image' is {image.shape[2]}x{image.shape[1]} px; it must be at least 8x8.")
-    check_choice(node, "resize", resize, RESIZE_RULES)
-    from_noise = starts_from_noise(handle, start, node)
-    check_sd1_model(model, node, handle.plugin.scb.channels)
-    if fp is None:
-        fp = encode_task_prompt(handle, clip_vision, image)
-    pixels = official_resize.resize_image(image, resize)
-    latent = vae.encode(pixels[:, :, :, :3])
-    cond_latent = model.get_model_object("latent_format").process_in(latent)
-    control = TaskPluginControl(handle, cond_latent, strength)
-    conditioning = [[fp, {"control": control, "control_apply_to_uncond": False}]]
-    start_latent = torch.zeros_like(latent) if from_noise else latent
-    m = model.clone()
-    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, CFG_WRAPPER_KEY)
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, CFG_WRAPPER_KEY, warn_if_guided)
-    return m, conditioning, {"samples": start_latent}
-
-
-def run_plugin_chain(model, handles, clip_vision, vae, image, *, seed: int = 42, steps: int = 20,
-                     later_steps: int = 3, sampler_name: str = OFFICIAL_SAMPLER, scheduler: str = "normal",
-                     start: str = START_OFFICIAL, resize: str = RESIZE_INFER,
-                     node: str = "PlugKitRunPluginChain") -> torch.Tensor:
-    """demo.py's multi-plugin schedule: every plugin's Fp computed once from the ORIGINAL image; the image
-    resized once (``resize``); the first plugin runs ``steps``, each later one ``later_steps`` on the
-    previous result (8-bit, as demo.py's PIL round trip), each with the same seed's noise; cfg 1 (no
-    guidance). Returns the final IMAGE."""
-    import comfy.sample
-    import comfy.utils
-
-    check_choice(node, "resize", resize, RESIZE_RULES)
-    for handle in handles:
-        starts_from_noise(handle, start, node)  # a bad 'start' fails before any work
-    hidden = clip_hidden_states(clip_vision, image)  # one CLIP pass of the original serves every plugin's TPB
-    prompts = [encode_task_prompt(h, clip_vision, image, hidden) for h in handles]
-    current = official_resize.resize_image(image, resize)
-    total = sum(steps if i == 0 else later_steps for i in range(len(handles)))
-    bar = comfy.utils.ProgressBar(max(total, 1))
-    for index, (handle, fp) in enumerate(zip(handles, prompts)):
-        if index > 0:
-            current = official_resize.quantize_8bit(current)
-        m, positive, latent = apply_task_plugin(model, handle, clip_vision, vae, current, node=node, start=start,
-                                                resize=official_resize.RESIZE_NONE, fp=fp)
-        samples = latent["samples"]
-        noise = comfy.sample.prepare_noise(samples, seed, None)
-        n = steps if index == 0 else later_steps
-        if sampler_name == OFFICIAL_SAMPLER:
-            samples = sample_official(m, positive, latent, noise, n, starts_from_noise(handle, start, node),
-                                      callback=lambda *_: bar.update(1))
-        else:
-            samples = comfy.sample.sample(
-                m, noise, n, 1.0, sampler_name, scheduler, positive, [], samples, denoise=1.0, seed=seed,
-                callback=lambda step, x0, x, total_steps: bar.update(1), disable_pbar=True,
-            )
-        current = vae.decode(samples)
-        if current.ndim == 5:
-            current = current.reshape(-1, *current.shape[-3:])
-        log.info("Diff-Plugin chain: applied %s (%d steps)", handle.name, n)
-    return current
-
-
-# --- the official sampler as ComfyUI objects ------------------------------------------------------
-
-def official_sampler_function(model, x, sigmas, extra_args=None, callback=None, disable=None, start: str = START_IMAGE):
-    """``KSAMPLER`` function of the official sampler. ComfyUI's KSAMPLER hands the sampler its model
-    wrapper with the clean ``latent_image`` (process_in'd) and the unscaled ``noise``; from them this
-    builds infer.py's first latent itself (ComfyUI's own start is latent + sqrt(1 + sigma^2) * noise):
-    ``image``: latent + sigma * noise, re-noised the same way at every t >= 960; ``noise``: unit-variance
-    noise (sqrt(1 + sigma^2) * noise here), never re-noised. Returns infer.py's final latent (alpha_0 x)."""
-    model_sampling = model.inner_model.inner_model.model_sampling
-    noise = getattr(model, "noise", None)
-    latent = getattr(model, "latent_image", None)
-    if noise is None or latent is None:
-        raise ValueError("PlugKitDiffPluginSampler: the sampler got no latent/noise from ComfyUI; use it in SamplerCustom "
-                         "or a core sampler node.")
-    sigma0 = float(sigmas[0])
-    if start == START_NOISE:
-        x = noise * math.sqrt(1.0 + sigma0 * sigma0)
-        renoise: list[bool] = []
-    else:
-        timesteps = [int(t) for t in model_sampling.timestep(sigmas[:-1]).reshape(-1).tolist()]
-        renoise = official_unipc.renoise_flags(timesteps)
-        x = latent + noise * sigma0
-    out = official_unipc.sample_official_unipc(model, x, sigmas, extra_args=extra_args, callback=callback,
-                                               disable=disable, renoise=renoise, renoise_latent=latent,
-                                               renoise_noise=noise)
-    return official_unipc.official_finish(out, float(sigmas[-1]))
-
-
-def official_sampler(start: str = START_IMAGE):
-    import comfy.samplers
-
-    return comfy.samplers.KSAMPLER(official_sampler_function, extra_options={"start": start})
-
-
-def official_model_sigmas(model, steps: int) -> torch.Tensor:
-    return official_unipc.official_sigmas(model.get_model_object("model_sampling").sigma, steps)
-
-
-def sample_official(m, positive, latent: dict, noise: torch.Tensor, steps: int, from_noise: bool,
-                    callback=None) -> torch.Tensor:
-    """infer.py's sampling, exactly: its first latent, diffusers' UniPC on its timestep grid (re-noised at
-    every t >= 960), its final latent (returned as KSampler's, process_out'd)."""
-    import comfy.sample
-
-    sampler = official_sampler(START_NOISE if from_noise else START_IMAGE)
-    return comfy.sample.sample_custom(m, noise, 1.0, sampler, official_model_sigmas(m, steps), positive, [],
-                                      latent["samples"], callback=callback, disable_pbar=True)
-
-
-def path_fingerprint(path: Path) -> tuple:
-    """(name, size, mtime_ns, inode) of a file, or of every file below a folder: changes when a plugin is
-    rewritten under the same name (training saves atomically: a new file)."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    out = []
-    for f in files:
-        st = f.stat()
-        out.append((f.as_posix(), st.st_size, st.st_mtime_ns, st.st_ino))
-    return tuple(out)
-
-
-def name_fingerprint(name: str, node: str, what: str):
-    try:
-        return path_fingerprint(resolve(name, node, what))
-    except (OSError, ValueError):
-        return ("missing", name)  # execute() reports the error
 
 
 # --- nodes ----------------------------------------------------------------------------------------
@@ -286,7 +49,7 @@ class PlugKitTaskPluginLoader(io.ComfyNode):
             description="Loads a Diff-Plugin Task-Plugin (TPB + SCB) from models/diff_plugin: a released folder "
                         "(scb/ + tpb.pt) or a PlugKit .safetensors plugin.",
             inputs=[
-                io.Combo.Input("plugin_name", options=_options(0),
+                io.Combo.Input("plugin_name", options=model_folders.options(0),
                                tooltip="A plugin under models/diff_plugin: a released task folder such as 'derain' "
                                        "(holding scb/ and tpb.pt) or a .safetensors plugin."),
             ],
@@ -296,19 +59,11 @@ class PlugKitTaskPluginLoader(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, plugin_name: str):
         """ComfyUI re-runs the loader when this changes: a plugin retrained under the same name is reloaded."""
-        return name_fingerprint(plugin_name, "PlugKitTaskPluginLoader", "plugin")
+        return model_folders.name_fingerprint(plugin_name, "PlugKitTaskPluginLoader", "plugin")
 
     @classmethod
     def execute(cls, plugin_name: str) -> io.NodeOutput:
-        from .hooks import PluginHandle
-
-        path = resolve(plugin_name, "PlugKitTaskPluginLoader", "plugin")
-        name = Path(plugin_name).stem if path.is_file() else path.name
-        try:
-            plugin = plugin_files.load_plugin(path, name=name)
-        except plugin_files.PluginFileError as exc:
-            raise ValueError(f"PlugKitTaskPluginLoader: input 'plugin_name': {exc}") from exc
-        return io.NodeOutput(PluginHandle(plugin, source=str(path)))
+        return io.NodeOutput(runs.load_task_plugin(plugin_name, "PlugKitTaskPluginLoader"))
 
 
 class PlugKitApplyTaskPlugin(io.ComfyNode):
@@ -345,7 +100,7 @@ class PlugKitApplyTaskPlugin(io.ComfyNode):
     @classmethod
     def execute(cls, model, plugin, clip_vision, vae, image, strength: float = 1.0, start: str = START_OFFICIAL,
                 resize: str = RESIZE_INFER) -> io.NodeOutput:
-        m, positive, latent = apply_task_plugin(model, plugin, clip_vision, vae, image, strength, start=start, resize=resize)
+        m, positive, latent = runs.apply_task_plugin(model, plugin, clip_vision, vae, image, strength, start=start, resize=resize)
         return io.NodeOutput(m, positive, latent)
 
 
@@ -370,7 +125,7 @@ class PlugKitPluginSelector(io.ComfyNode):
                 io.Image.Input("image", tooltip="The degraded image (the first image of a batch is scored)."),
                 io.String.Input("instruction", default="remove the rain", multiline=True,
                                 tooltip="What to do, in words, e.g. 'remove rain and haze'."),
-                io.Combo.Input("selector_name", options=_options(1),
+                io.Combo.Input("selector_name", options=model_folders.options(1),
                                tooltip="Selector weights under models/diff_plugin, e.g. plugin_selector/PromptTunner.pt."),
                 io.Combo.Input("rule", options=list(RULES), default=RULE_OFFICIAL, optional=True,
                                tooltip="Official: every plugin scoring above 0 (the demo's rule). 'above null': "
@@ -387,41 +142,20 @@ class PlugKitPluginSelector(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, selector_name: str = "", **_):
         """Re-run when the selector file is replaced under the same name (the other inputs are compared by ComfyUI)."""
-        return name_fingerprint(selector_name, "PlugKitPluginSelector", "selector")
+        return model_folders.name_fingerprint(selector_name, "PlugKitPluginSelector", "selector")
 
     @classmethod
     def execute(cls, clip, clip_vision, image, instruction: str, selector_name: str, rule: str = RULE_OFFICIAL,
                 **candidates) -> io.NodeOutput:
         node = "PlugKitPluginSelector"
-        if rule not in RULES:
-            raise ValueError(f"{node}: input 'rule' is {rule!r}; use one of {list(RULES)}.")
+        check_choice(rule, RULES, node, "rule")
         handles = [candidates[f"plugin_{i}"] for i in range(1, MAX_CANDIDATES + 1)
                    if candidates.get(f"plugin_{i}") is not None]
         if not handles:
             raise ValueError(f"{node}: connect at least one Task-Plugin to plugin_1 ... plugin_{MAX_CANDIDATES}.")
-        try:
-            tuner = plugin_files.load_selector(resolve(selector_name, node, "selector"))
-        except plugin_files.PluginFileError as exc:
-            raise ValueError(f"{node}: input 'selector_name': {exc}") from exc
-        text = pooled_text(clip, instruction)
-        null = pooled_text(clip, " ")
-        hidden = clip_hidden_states(clip_vision, image[:1])  # one CLIP pass serves every candidate's TPB
-        prompts = [encode_task_prompt(h, clip_vision, image[:1], hidden)[0] for h in handles]
-        selection = select_plugins(tuner, text, null, prompts, [h.name for h in handles], rule)
-        chosen = [handles[i] for i in selection.selected]
-        report = selection.report()
-        log.info("Diff-Plugin selector: %s", report.replace("\n", "; "))
+        chosen, report = runs.select_for_instruction(clip, clip_vision, image, instruction, selector_name, rule,
+                                                     handles, node)
         return io.NodeOutput(chosen, report, ui=ui.PreviewText(report))
-
-
-def pooled_text(clip, text: str) -> torch.Tensor:
-    """The unprojected pooled embedding (final-layer-normed EOS token), as HF CLIPTextModel's pooler_output."""
-    tokens = clip.tokenize(text)
-    out = clip.encode_from_tokens(tokens, return_pooled="unprojected", return_dict=True)
-    pooled = out.get("pooled_output")
-    if pooled is None:
-        raise ValueError("PlugKitPluginSelector: input 'clip' gives no pooled text embedding; use an SD 1.x CLIP.")
-    return pooled[:1].float()
 
 
 class PlugKitRunPluginChain(io.ComfyNode):
@@ -470,15 +204,13 @@ class PlugKitRunPluginChain(io.ComfyNode):
         if plugins is None and plugin is None:
             raise ValueError("PlugKitRunPluginChain: connect 'plugins' (from the Plugin-Selector) or 'plugin' "
                              "(from 'Load Diff-Plugin Task-Plugin').")
-        if sampler_name not in SAMPLERS:
-            raise ValueError(f"PlugKitRunPluginChain: input 'sampler_name' is {sampler_name!r}; use one of {list(SAMPLERS)}.")
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"PlugKitRunPluginChain: input 'scheduler' is {scheduler!r}; use one of {list(SCHEDULERS)}.")
+        check_choice(sampler_name, SAMPLERS, "PlugKitRunPluginChain", "sampler_name")
+        check_choice(scheduler, SCHEDULERS, "PlugKitRunPluginChain", "scheduler")
         chain = list(plugins or []) + ([plugin] if plugin is not None else [])
         if not chain:
             log.info("Diff-Plugin chain: no plugin selected; returning the input image")
             return io.NodeOutput(image)
-        out = run_plugin_chain(model, chain, clip_vision, vae, image, seed=seed, steps=steps,
+        out = runs.run_plugin_chain(model, chain, clip_vision, vae, image, seed=seed, steps=steps,
                                later_steps=later_steps, sampler_name=sampler_name, scheduler=scheduler,
                                start=start, resize=resize)
         return io.NodeOutput(out)
@@ -506,8 +238,8 @@ class PlugKitDiffPluginSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, start: str = START_IMAGE) -> io.NodeOutput:
-        check_choice("PlugKitDiffPluginSampler", "start", start, SAMPLER_STARTS)
-        return io.NodeOutput(official_sampler(start))
+        check_choice(start, SAMPLER_STARTS, "PlugKitDiffPluginSampler", "start")
+        return io.NodeOutput(runs.official_sampler(start))
 
 
 class PlugKitDiffPluginSigmas(io.ComfyNode):
@@ -533,10 +265,99 @@ class PlugKitDiffPluginSigmas(io.ComfyNode):
         model_sampling = model.get_model_object("model_sampling")
         if not hasattr(model_sampling, "log_sigmas"):
             raise ValueError("PlugKitDiffPluginSigmas: input 'model' has no discrete noise schedule; use an SD 1.x model.")
-        return io.NodeOutput(official_model_sigmas(model, steps))
+        return io.NodeOutput(runs.official_model_sigmas(model, steps))
 
 
-from .runs import PlugKitTrainTaskPlugin  # noqa: E402
+class PlugKitTrainTaskPlugin(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PlugKitTrainTaskPlugin",
+            display_name="Train Diff-Plugin Task-Plugin",
+            category=CATEGORY,
+            description="Trains a new Task-Plugin (TPB + SCB) on a folder of (degraded, clean) image pairs with "
+                        "the U-Net, VAE and CLIP vision frozen; saves models/diff_plugin/<plugin_name>.safetensors.",
+            inputs=[
+                io.Model.Input("model", tooltip="The frozen SD 1.x model (LoRAs and patches apply)."),
+                io.ClipVision.Input("clip_vision", tooltip="CLIP ViT-L/14 vision model (frozen)."),
+                io.Vae.Input("vae", tooltip="The SD 1.x VAE (frozen)."),
+                io.String.Input("data_folder", default="",
+                                tooltip="Folder with 'input/' (degraded) and 'target/' (clean) images paired by file "
+                                        "name (also accepted: degraded|lq and gt|clean)."),
+                io.String.Input("plugin_name", default="my_plugin",
+                                tooltip="Output name: models/diff_plugin/<plugin_name>.safetensors (+ .optim.pt)."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
+                             tooltip="Training crop size in pixels (official: 512)."),
+                io.Int.Input("steps", default=1000, min=1, max=1_000_000,
+                             tooltip="Total optimisation steps (resuming counts the saved ones)."),
+                io.Int.Input("batch_size", default=1, min=1, max=64,
+                             tooltip="Pairs per micro-step (official train_batch_size; default 1)."),
+                io.Float.Input("learning_rate", default=1e-5, min=1e-7, max=1e-2, step=1e-6,
+                               tooltip="Base AdamW learning rate (official: 1e-5, weight decay 1e-2); see "
+                                       "lr_scaling."),
+                io.Int.Input("save_every", default=250, min=0, max=1_000_000,
+                             tooltip="Save the plugin every N steps (0: only at the end). Saves are atomic."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seed of the noise and timesteps."),
+                io.Boolean.Input("resume", default=True,
+                                 tooltip="Continue from the last save of this plugin_name if there is one. Off: "
+                                         "an existing file of that name is an error (never overwritten)."),
+                io.Combo.Input("start", options=list(TRAIN_STARTS), default="input",
+                               tooltip="How sampling with this plugin starts: the noised input (most tasks) or pure "
+                                       "noise (like lowlight / highlight)."),
+                io.Int.Input("grad_accum", default=1, min=1, max=1024, optional=True,
+                             tooltip="Micro-batches accumulated per step (official gradient_accumulation_steps; "
+                                     "default 1): a step sees batch_size x grad_accum pairs."),
+                io.Combo.Input("lr_scaling", options=list(pt.LR_SCALINGS), default="official", optional=True,
+                               tooltip="official (train.py's scale_lr, always on there): the learning rate is "
+                                       "multiplied by batch_size x grad_accum (x GPUs); none: used as given."),
+                io.Boolean.Input("augment", default=False, optional=True,
+                                 tooltip="Official --use_data_aug: random crop (p 1/2) and horizontal flip (p 1/2), "
+                                         "the same for both images, then resize to the resolution. Off (the "
+                                         "official default): short side resized, centre crop (the official "
+                                         "squashes the whole image to a square instead)."),
+                io.Combo.Input("precision", options=list(pt.PRECISIONS), default="fp32", optional=True,
+                               tooltip="Compute dtype of the forward (autocast). The plugin keeps fp32 weights; "
+                                       "fp16 uses loss scaling; bf16 needs a GPU that has it. fp32 is exact but "
+                                       "slowest."),
+                io.Int.Input("validate_every", default=0, min=0, max=1_000_000, optional=True,
+                             tooltip="Every N steps run the official 20-step inference on the first pair and show "
+                                     "it (input | plugin | target) on the progress bar and the 'validation' "
+                                     "output; 0: never."),
+            ],
+            outputs=[TaskPluginType.Output(display_name="plugin"),
+                     io.String.Output(display_name="report"),
+                     io.Image.Output(display_name="validation",
+                                     tooltip="The validation images (input | plugin output | target), one per "
+                                             "validation; a blank image when validate_every is 0."),
+                     io.Image.Output(display_name="loss_curve", tooltip="The loss of every step, drawn.")],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip_vision, vae, data_folder: str, plugin_name: str, resolution: int = 512,
+                steps: int = 1000, batch_size: int = 1, learning_rate: float = 1e-5, save_every: int = 250,
+                seed: int = 0, resume: bool = True, start: str = "input", grad_accum: int = 1,
+                lr_scaling: str = "official", augment: bool = False, precision: str = "fp32",
+                validate_every: int = 0) -> io.NodeOutput:
+        node = "PlugKitTrainTaskPlugin"
+        check_choice(start, TRAIN_STARTS, node, "start")
+        output = model_folders.output_path(plugin_name, node)
+        pt.check_output(output, resume, node)
+        output.parent.mkdir(parents=True, exist_ok=True)  # inside models/diff_plugin (checked above)
+        unique_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
+        on_step, on_validation = runs.node_progress(plugin_name, steps, unique_id)
+        result, report = runs.train_from_folder(
+            model, clip_vision, vae, data_folder, output, name=output.stem, resolution=resolution,
+            steps=steps, batch_size=batch_size, learning_rate=learning_rate, save_every=save_every, seed=seed,
+            resume=resume, start_from_noise=start == "noise", grad_accum=grad_accum, lr_scaling=lr_scaling,
+            augment=augment, precision=precision, validate_every=validate_every, on_step=on_step,
+            on_validation=on_validation, node=node)
+        validation, curve = runs.result_images(result)
+        return io.NodeOutput(hooks.PluginHandle(result.plugin, source=str(output)), report, validation, curve,
+                             ui=ui.PreviewText(report))
+
 
 NODES = [PlugKitTaskPluginLoader, PlugKitApplyTaskPlugin, PlugKitPluginSelector, PlugKitRunPluginChain,
          PlugKitDiffPluginSampler, PlugKitDiffPluginSigmas, PlugKitTrainTaskPlugin]

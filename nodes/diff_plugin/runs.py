@@ -1,22 +1,221 @@
-"""Training a Task-Plugin from ComfyUI: the PlugKitTrainTaskPlugin node and the glue the command
-line (``train_cli.py``) shares with it. The training loop itself is in plugin_training.py."""
+"""Diff-Plugin's model runs, as the nodes and the command line drive them: a Task-Plugin applied to a
+model (Fp, the SCB control, the start latent), the official sampler as ComfyUI objects, demo.py's plugin
+chain, the Plugin-Selector's scores, and plugin training on a folder of pairs (``train_from_folder``,
+shared by PlugKitTrainTaskPlugin and ``train_cli.py``). The math is in task_plugin.py, plugin_selector.py,
+official_unipc.py and plugin_training.py; what ComfyUI calls while sampling is in hooks.py."""
 from __future__ import annotations
 
 import logging
-import os
+import math
 from pathlib import Path
 
 import torch
 
-from ..comfy_io import io, ui
+from ..node_errors import check_choice
+from . import hooks, model_folders, official_resize, official_unipc, plugin_files
 from . import plugin_training as pt
+from .official_resize import RESIZE_INFER, RESIZE_RULES
+from .plugin_selector import select_plugins
 from .task_plugin import TaskPlugin
 
 log = logging.getLogger(__name__)
 
-CATEGORY = "PlugKit/Diff-Plugin"
-SD1_SKIPS = 12
+OFFICIAL_SAMPLER = "official"
+SAMPLERS = (OFFICIAL_SAMPLER, "uni_pc_bh2", "uni_pc", "euler", "dpmpp_2m", "ddim")
+START_OFFICIAL = "official (per task)"
+START_NOISE = "noise"
+START_IMAGE = "image"
+STARTS = (START_OFFICIAL, START_NOISE, START_IMAGE)
+SAMPLER_STARTS = (START_IMAGE, START_NOISE)
 
+
+# --- loading and applying a plugin ----------------------------------------------------------------
+
+def load_task_plugin(plugin_name: str, node: str) -> hooks.PluginHandle:
+    """The plugin listed as ``plugin_name`` under models/diff_plugin, loaded into a PluginHandle."""
+    path = model_folders.resolve(plugin_name, node, "plugin")
+    name = Path(plugin_name).stem if path.is_file() else path.name
+    try:
+        plugin = plugin_files.load_plugin(path, name=name)
+    except plugin_files.PluginFileError as exc:
+        raise ValueError(f"{node}: input 'plugin_name': {exc}") from exc
+    return hooks.PluginHandle(plugin, source=str(path))
+
+
+def clip_hidden_states(clip_vision, image: torch.Tensor) -> torch.Tensor:
+    """CLIP ViT-L/14 last-layer hidden states (before the post-layernorm) of the 224 centre crop."""
+    return clip_vision.encode_image(image, crop=True)["last_hidden_state"].float()
+
+
+def encode_task_prompt(handle, clip_vision, image: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Fp [B, 256, 768] for the image: CLIP vision hidden states (computed here unless given) through the TPB."""
+    import comfy.model_management
+
+    if hidden is None:
+        hidden = clip_hidden_states(clip_vision, image)
+    with torch.no_grad():
+        fp = handle.plugin.task_prompt(hidden)
+    return fp.to(comfy.model_management.intermediate_device(), torch.float32)
+
+
+def starts_from_noise(handle, start: str, node: str) -> bool:
+    check_choice(start, STARTS, node, "start")
+    if start == START_OFFICIAL:
+        return handle.plugin.start_from_noise
+    return start == START_NOISE
+
+
+def apply_task_plugin(model, handle, clip_vision, vae, image: torch.Tensor, strength: float = 1.0,
+                      node: str = "PlugKitApplyTaskPlugin", start: str = START_OFFICIAL, resize: str = RESIZE_INFER,
+                      fp: torch.Tensor | None = None):
+    """(model clone, CONDITIONING with Fp and the SCB control, LATENT start). Never mutates ``model``.
+    Fp comes from the original ``image`` (or is given, as the chain does); the VAE/SCB input is the image
+    resized by ``resize`` (official_resize)."""
+    import comfy.patcher_extension
+
+    if image is None or image.ndim != 4:
+        raise ValueError(f"{node}: input 'image' must be an IMAGE batch [B, H, W, C].")
+    if image.shape[1] < 8 or image.shape[2] < 8:
+        raise ValueError(f"{node}: input 'image' is {image.shape[2]}x{image.shape[1]} px; it must be at least 8x8.")
+    check_choice(resize, RESIZE_RULES, node, "resize")
+    from_noise = starts_from_noise(handle, start, node)
+    hooks.check_sd1_model(model, node, handle.plugin.scb.channels)
+    if fp is None:
+        fp = encode_task_prompt(handle, clip_vision, image)
+    pixels = official_resize.resize_image(image, resize)
+    latent = vae.encode(pixels[:, :, :, :3])
+    cond_latent = model.get_model_object("latent_format").process_in(latent)
+    control = hooks.TaskPluginControl(handle, cond_latent, strength)
+    conditioning = [[fp, {"control": control, "control_apply_to_uncond": False}]]
+    start_latent = torch.zeros_like(latent) if from_noise else latent
+    m = model.clone()
+    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, hooks.CFG_WRAPPER_KEY)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, hooks.CFG_WRAPPER_KEY, hooks.warn_if_guided)
+    return m, conditioning, {"samples": start_latent}
+
+
+def run_plugin_chain(model, handles, clip_vision, vae, image, *, seed: int = 42, steps: int = 20,
+                     later_steps: int = 3, sampler_name: str = OFFICIAL_SAMPLER, scheduler: str = "normal",
+                     start: str = START_OFFICIAL, resize: str = RESIZE_INFER,
+                     node: str = "PlugKitRunPluginChain") -> torch.Tensor:
+    """demo.py's multi-plugin schedule: every plugin's Fp computed once from the ORIGINAL image; the image
+    resized once (``resize``); the first plugin runs ``steps``, each later one ``later_steps`` on the
+    previous result (8-bit, as demo.py's PIL round trip), each with the same seed's noise; cfg 1 (no
+    guidance). Returns the final IMAGE."""
+    import comfy.sample
+    import comfy.utils
+
+    check_choice(resize, RESIZE_RULES, node, "resize")
+    for handle in handles:
+        starts_from_noise(handle, start, node)  # a bad 'start' fails before any work
+    hidden = clip_hidden_states(clip_vision, image)  # one CLIP pass of the original serves every plugin's TPB
+    prompts = [encode_task_prompt(h, clip_vision, image, hidden) for h in handles]
+    current = official_resize.resize_image(image, resize)
+    total = sum(steps if i == 0 else later_steps for i in range(len(handles)))
+    bar = comfy.utils.ProgressBar(max(total, 1))
+    for index, (handle, fp) in enumerate(zip(handles, prompts)):
+        if index > 0:
+            current = official_resize.quantize_8bit(current)
+        m, positive, latent = apply_task_plugin(model, handle, clip_vision, vae, current, node=node, start=start,
+                                                resize=official_resize.RESIZE_NONE, fp=fp)
+        samples = latent["samples"]
+        noise = comfy.sample.prepare_noise(samples, seed, None)
+        n = steps if index == 0 else later_steps
+        if sampler_name == OFFICIAL_SAMPLER:
+            samples = sample_official(m, positive, latent, noise, n, starts_from_noise(handle, start, node),
+                                      callback=lambda *_: bar.update(1))
+        else:
+            samples = comfy.sample.sample(
+                m, noise, n, 1.0, sampler_name, scheduler, positive, [], samples, denoise=1.0, seed=seed,
+                callback=lambda step, x0, x, total_steps: bar.update(1), disable_pbar=True,
+            )
+        current = vae.decode(samples)
+        if current.ndim == 5:
+            current = current.reshape(-1, *current.shape[-3:])
+        log.info("Diff-Plugin chain: applied %s (%d steps)", handle.name, n)
+    return current
+
+
+# --- the official sampler as ComfyUI objects ------------------------------------------------------
+
+def official_sampler_function(model, x, sigmas, extra_args=None, callback=None, disable=None, start: str = START_IMAGE):
+    """``KSAMPLER`` function of the official sampler. ComfyUI's KSAMPLER hands the sampler its model
+    wrapper with the clean ``latent_image`` (process_in'd) and the unscaled ``noise``; from them this
+    builds infer.py's first latent itself (ComfyUI's own start is latent + sqrt(1 + sigma^2) * noise):
+    ``image``: latent + sigma * noise, re-noised the same way at every t >= 960; ``noise``: unit-variance
+    noise (sqrt(1 + sigma^2) * noise here), never re-noised. Returns infer.py's final latent (alpha_0 x)."""
+    model_sampling = model.inner_model.inner_model.model_sampling
+    noise = getattr(model, "noise", None)
+    latent = getattr(model, "latent_image", None)
+    if noise is None or latent is None:
+        raise ValueError("PlugKitDiffPluginSampler: the sampler got no latent/noise from ComfyUI; use it in SamplerCustom "
+                         "or a core sampler node.")
+    sigma0 = float(sigmas[0])
+    if start == START_NOISE:
+        x = noise * math.sqrt(1.0 + sigma0 * sigma0)
+        renoise: list[bool] = []
+    else:
+        timesteps = [int(t) for t in model_sampling.timestep(sigmas[:-1]).reshape(-1).tolist()]
+        renoise = official_unipc.renoise_flags(timesteps)
+        x = latent + noise * sigma0
+    out = official_unipc.sample_official_unipc(model, x, sigmas, extra_args=extra_args, callback=callback,
+                                               disable=disable, renoise=renoise, renoise_latent=latent,
+                                               renoise_noise=noise)
+    return official_unipc.official_finish(out, float(sigmas[-1]))
+
+
+def official_sampler(start: str = START_IMAGE):
+    import comfy.samplers
+
+    return comfy.samplers.KSAMPLER(official_sampler_function, extra_options={"start": start})
+
+
+def official_model_sigmas(model, steps: int) -> torch.Tensor:
+    return official_unipc.official_sigmas(model.get_model_object("model_sampling").sigma, steps)
+
+
+def sample_official(m, positive, latent: dict, noise: torch.Tensor, steps: int, from_noise: bool,
+                    callback=None) -> torch.Tensor:
+    """infer.py's sampling, exactly: its first latent, diffusers' UniPC on its timestep grid (re-noised at
+    every t >= 960), its final latent (returned as KSampler's, process_out'd)."""
+    import comfy.sample
+
+    sampler = official_sampler(START_NOISE if from_noise else START_IMAGE)
+    return comfy.sample.sample_custom(m, noise, 1.0, sampler, official_model_sigmas(m, steps), positive, [],
+                                      latent["samples"], callback=callback, disable_pbar=True)
+
+
+# --- the Plugin-Selector ---------------------------------------------------------------------------
+
+def pooled_text(clip, text: str) -> torch.Tensor:
+    """The unprojected pooled embedding (final-layer-normed EOS token), as HF CLIPTextModel's pooler_output."""
+    tokens = clip.tokenize(text)
+    out = clip.encode_from_tokens(tokens, return_pooled="unprojected", return_dict=True)
+    pooled = out.get("pooled_output")
+    if pooled is None:
+        raise ValueError("PlugKitPluginSelector: input 'clip' gives no pooled text embedding; use an SD 1.x CLIP.")
+    return pooled[:1].float()
+
+
+def select_for_instruction(clip, clip_vision, image, instruction: str, selector_name: str, rule: str, handles,
+                           node: str = "PlugKitPluginSelector"):
+    """(the selected handles in order, the text report): the released selector scores every candidate's
+    Fp (from the first image) against the instruction's pooled text embedding and the empty one's."""
+    try:
+        tuner = plugin_files.load_selector(model_folders.resolve(selector_name, node, "selector"))
+    except plugin_files.PluginFileError as exc:
+        raise ValueError(f"{node}: input 'selector_name': {exc}") from exc
+    text = pooled_text(clip, instruction)
+    null = pooled_text(clip, " ")
+    hidden = clip_hidden_states(clip_vision, image[:1])  # one CLIP pass serves every candidate's TPB
+    prompts = [encode_task_prompt(h, clip_vision, image[:1], hidden)[0] for h in handles]
+    selection = select_plugins(tuner, text, null, prompts, [h.name for h in handles], rule)
+    report = selection.report()
+    log.info("Diff-Plugin selector: %s", report.replace("\n", "; "))
+    return [handles[i] for i in selection.selected], report
+
+
+# --- training ------------------------------------------------------------------------------------
 
 def alphas_cumprod(model) -> torch.Tensor:
     """The DDPM schedule of the model (1000 entries for SD 1.x): alpha_bar = 1 / (1 + sigma^2)."""
@@ -40,12 +239,6 @@ def make_encoder(model, clip_vision, vae, device=None):
                               hidden.to(device, torch.float32))
 
     return encode
-
-
-def encode_pairs(model, clip_vision, vae, crops) -> list[pt.EncodedPair]:
-    """Every crop encoded at once, on the CPU (small sets and tests; training streams: ``make_encoder``)."""
-    encode = make_encoder(model, clip_vision, vae, device="cpu")
-    return [encode(name, degraded, clean) for name, degraded, clean in crops]
 
 
 def trainable_patcher(model):
@@ -89,14 +282,8 @@ def make_eps_model(model, precision: str = "fp32"):
         weights = {k: v.detach().clone() if v.is_inference() else v.detach() for k, v in state.items()}
 
     def eps_model(x, t, context, residuals):
-        def add_residual(h, hsp, transformer_options):
-            index = transformer_options["block"][1]
-            if index >= SD1_SKIPS - len(residuals):
-                hsp = hsp + residuals[SD1_SKIPS - 1 - index].to(hsp.dtype)
-            return h, hsp
-
         kwargs = {"context": context.to(device, dtype),
-                  "transformer_options": {"patches": {"output_block_patch": [add_residual]}}}
+                  "transformer_options": {"patches": {"output_block_patch": [hooks.skip_residual_patch(residuals)]}}}
         args = (x.to(device, dtype), t.to(device))
         out = torch.func.functional_call(diffusion_model, weights, args, kwargs, strict=False)
         return out.float()
@@ -118,10 +305,8 @@ def train_from_folder(model, clip_vision, vae, data_folder: str, output: Path, *
     if unet_config.get("context_dim") != 768:
         raise ValueError(f"{node}: input 'model' is not an SD 1.x model (context dim {unet_config.get('context_dim')}); "
                          "Task-Plugins are trained on SD 1.x.")
-    if precision not in pt.PRECISIONS:
-        raise ValueError(f"{node}: input 'precision' is {precision!r}; use one of {', '.join(pt.PRECISIONS)}.")
-    if lr_scaling not in pt.LR_SCALINGS:
-        raise ValueError(f"{node}: input 'lr_scaling' is {lr_scaling!r}; use one of {', '.join(pt.LR_SCALINGS)}.")
+    check_choice(precision, pt.PRECISIONS, node, "precision")
+    check_choice(lr_scaling, pt.LR_SCALINGS, node, "lr_scaling")
     try:
         pairs, problems = pt.find_pairs(data_folder)
     except ValueError as exc:
@@ -185,149 +370,40 @@ def train_from_folder(model, clip_vision, vae, data_folder: str, output: Path, *
     return result, "\n".join(lines)
 
 
-def output_path(plugin_name: str, node: str) -> Path:
-    """models/diff_plugin/<plugin_name>.safetensors (in the first registered folder); a name that is absolute,
-    climbs out with '..' or leads through a link out of the folder is refused. Creates only the folder."""
-    from . import plugin_files
-    from .nodes import plugin_folders
+def node_progress(plugin_name: str, steps: int, unique_id):
+    """(on_step, on_validation) of the training node: ComfyUI's progress bar (with the latest validation
+    image as its preview), a log line every 10 steps, and the step and loss as the node's progress text."""
+    import comfy.utils
 
-    parts = plugin_files.safe_relative_name(plugin_name.strip() if isinstance(plugin_name, str) else plugin_name)
-    if parts is None:
-        raise ValueError(f"{node}: input 'plugin_name' must be a relative file name such as 'my_derain', got {plugin_name!r}.")
-    if not parts[-1].endswith(".safetensors"):
-        parts = (*parts[:-1], parts[-1] + ".safetensors")
-    base = Path(plugin_folders()[0])
-    path = base.joinpath(*parts)
-    base.mkdir(parents=True, exist_ok=True)
-    base_real = os.path.realpath(base)
-    # the file (if it exists) and the deepest existing folder on its way must lie inside the base (no link out)
-    existing = path.parent
-    while not existing.exists():
-        existing = existing.parent
-    inside = os.path.realpath(existing) == base_real or plugin_files.is_inside(os.path.realpath(existing), base_real)
-    if not inside or (os.path.lexists(path) and not plugin_files.is_inside(os.path.realpath(path), base_real)):
-        raise ValueError(f"{node}: input 'plugin_name' must name a file inside models/diff_plugin, got {plugin_name!r}.")
-    return path
+    bar = comfy.utils.ProgressBar(steps)
+    preview = [None]
 
+    def on_validation(step: int, image: torch.Tensor) -> None:
+        from PIL import Image
 
-class PlugKitTrainTaskPlugin(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="PlugKitTrainTaskPlugin",
-            display_name="Train Diff-Plugin Task-Plugin",
-            category=CATEGORY,
-            description="Trains a new Task-Plugin (TPB + SCB) on a folder of (degraded, clean) image pairs with "
-                        "the U-Net, VAE and CLIP vision frozen; saves models/diff_plugin/<plugin_name>.safetensors.",
-            inputs=[
-                io.Model.Input("model", tooltip="The frozen SD 1.x model (LoRAs and patches apply)."),
-                io.ClipVision.Input("clip_vision", tooltip="CLIP ViT-L/14 vision model (frozen)."),
-                io.Vae.Input("vae", tooltip="The SD 1.x VAE (frozen)."),
-                io.String.Input("data_folder", default="",
-                                tooltip="Folder with 'input/' (degraded) and 'target/' (clean) images paired by file "
-                                        "name (also accepted: degraded|lq and gt|clean)."),
-                io.String.Input("plugin_name", default="my_plugin",
-                                tooltip="Output name: models/diff_plugin/<plugin_name>.safetensors (+ .optim.pt)."),
-                io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
-                             tooltip="Training crop size in pixels (official: 512)."),
-                io.Int.Input("steps", default=1000, min=1, max=1_000_000,
-                             tooltip="Total optimisation steps (resuming counts the saved ones)."),
-                io.Int.Input("batch_size", default=1, min=1, max=64,
-                             tooltip="Pairs per micro-step (official train_batch_size; default 1)."),
-                io.Float.Input("learning_rate", default=1e-5, min=1e-7, max=1e-2, step=1e-6,
-                               tooltip="Base AdamW learning rate (official: 1e-5, weight decay 1e-2); see "
-                                       "lr_scaling."),
-                io.Int.Input("save_every", default=250, min=0, max=1_000_000,
-                             tooltip="Save the plugin every N steps (0: only at the end). Saves are atomic."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seed of the noise and timesteps."),
-                io.Boolean.Input("resume", default=True,
-                                 tooltip="Continue from the last save of this plugin_name if there is one. Off: "
-                                         "an existing file of that name is an error (never overwritten)."),
-                io.Combo.Input("start", options=["input", "noise"], default="input",
-                               tooltip="How sampling with this plugin starts: the noised input (most tasks) or pure "
-                                       "noise (like lowlight / highlight)."),
-                io.Int.Input("grad_accum", default=1, min=1, max=1024, optional=True,
-                             tooltip="Micro-batches accumulated per step (official gradient_accumulation_steps; "
-                                     "default 1): a step sees batch_size x grad_accum pairs."),
-                io.Combo.Input("lr_scaling", options=list(pt.LR_SCALINGS), default="official", optional=True,
-                               tooltip="official (train.py's scale_lr, always on there): the learning rate is "
-                                       "multiplied by batch_size x grad_accum (x GPUs); none: used as given."),
-                io.Boolean.Input("augment", default=False, optional=True,
-                                 tooltip="Official --use_data_aug: random crop (p 1/2) and horizontal flip (p 1/2), "
-                                         "the same for both images, then resize to the resolution. Off (the "
-                                         "official default): short side resized, centre crop (the official "
-                                         "squashes the whole image to a square instead)."),
-                io.Combo.Input("precision", options=list(pt.PRECISIONS), default="fp32", optional=True,
-                               tooltip="Compute dtype of the forward (autocast). The plugin keeps fp32 weights; "
-                                       "fp16 uses loss scaling; bf16 needs a GPU that has it. fp32 is exact but "
-                                       "slowest."),
-                io.Int.Input("validate_every", default=0, min=0, max=1_000_000, optional=True,
-                             tooltip="Every N steps run the official 20-step inference on the first pair and show "
-                                     "it (input | plugin | target) on the progress bar and the 'validation' "
-                                     "output; 0: never."),
-            ],
-            outputs=[io.Custom("PLUGKIT_TASK_PLUGIN").Output(display_name="plugin"),
-                     io.String.Output(display_name="report"),
-                     io.Image.Output(display_name="validation",
-                                     tooltip="The validation images (input | plugin output | target), one per "
-                                             "validation; a blank image when validate_every is 0."),
-                     io.Image.Output(display_name="loss_curve", tooltip="The loss of every step, drawn.")],
-            hidden=[io.Hidden.unique_id],
-            is_output_node=True,
-            not_idempotent=True,
-        )
+        arr = (image[0].clamp(0, 1).numpy() * 255).round().astype("uint8")
+        preview[0] = ("PNG", Image.fromarray(arr), None)  # shown on the progress bar from now on
 
-    @classmethod
-    def execute(cls, model, clip_vision, vae, data_folder: str, plugin_name: str, resolution: int = 512,
-                steps: int = 1000, batch_size: int = 1, learning_rate: float = 1e-5, save_every: int = 250,
-                seed: int = 0, resume: bool = True, start: str = "input", grad_accum: int = 1,
-                lr_scaling: str = "official", augment: bool = False, precision: str = "fp32",
-                validate_every: int = 0) -> io.NodeOutput:
-        import comfy.utils
+    def on_step(step: int, loss: float) -> None:
+        bar.update_absolute(step, steps, preview[0])
+        if step % 10 == 0 or step == steps:
+            log.info("Diff-Plugin training %s: step %d/%d loss %.4f", plugin_name, step, steps, loss)
+        if unique_id is not None:
+            try:
+                from server import PromptServer
 
-        from .hooks import PluginHandle
+                PromptServer.instance.send_progress_text(f"step {step}/{steps}  loss {loss:.4f}", unique_id)
+            except Exception:  # no server (tests, command line)
+                pass
 
-        node = "PlugKitTrainTaskPlugin"
-        if start not in ("input", "noise"):
-            raise ValueError(f"{node}: input 'start' is {start!r}; use 'input' or 'noise'.")
-        output = output_path(plugin_name, node)
-        pt.check_output(output, resume, node)
-        output.parent.mkdir(parents=True, exist_ok=True)  # inside models/diff_plugin (checked above)
-        bar = comfy.utils.ProgressBar(steps)
-        unique_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
-
-        preview = [None]
-
-        def on_validation(step: int, image: torch.Tensor) -> None:
-            from PIL import Image
-
-            arr = (image[0].clamp(0, 1).numpy() * 255).round().astype("uint8")
-            preview[0] = ("PNG", Image.fromarray(arr), None)  # shown on the progress bar from now on
-
-        def on_step(step: int, loss: float) -> None:
-            bar.update_absolute(step, steps, preview[0])
-            if step % 10 == 0 or step == steps:
-                log.info("Diff-Plugin training %s: step %d/%d loss %.4f", plugin_name, step, steps, loss)
-            if unique_id is not None:
-                try:
-                    from server import PromptServer
-
-                    PromptServer.instance.send_progress_text(f"step {step}/{steps}  loss {loss:.4f}", unique_id)
-                except Exception:  # no server (tests, command line)
-                    pass
-
-        result, report = train_from_folder(
-            model, clip_vision, vae, data_folder, output, name=output.stem, resolution=resolution,
-            steps=steps, batch_size=batch_size, learning_rate=learning_rate, save_every=save_every, seed=seed,
-            resume=resume, start_from_noise=start == "noise", grad_accum=grad_accum, lr_scaling=lr_scaling,
-            augment=augment, precision=precision, validate_every=validate_every, on_step=on_step,
-            on_validation=on_validation, node=node)
-        curve = pt.loss_curve_image(result.losses, start_step=result.start_step)
-        if result.validations:
-            validation = torch.cat([image for _, image in result.validations])
-        else:
-            validation = torch.zeros(1, 64, 64, 3)
-        return io.NodeOutput(PluginHandle(result.plugin, source=str(output)), report, validation, curve,
-                             ui=ui.PreviewText(report))
+    return on_step, on_validation
 
 
+def result_images(result: pt.TrainResult) -> tuple[torch.Tensor, torch.Tensor]:
+    """(validation images, or a blank 64 px image when there are none; the loss curve) of a training run."""
+    curve = pt.loss_curve_image(result.losses, start_step=result.start_step)
+    if result.validations:
+        validation = torch.cat([image for _, image in result.validations])
+    else:
+        validation = torch.zeros(1, 64, 64, 3)
+    return validation, curve

@@ -36,3 +36,12 @@ def write_released_plugin(root: Path, task: str, seed: int = 0, module_prefix: b
     return folder, scb, tpb
 
 
+
+
+def encode_pairs(model, clip_vision, vae, crops):
+    """Every crop encoded at once, on the CPU, with the trainer's own encoder (``runs.make_encoder``);
+    training streams instead. Small sets only."""
+    from plugkit.nodes.diff_plugin.runs import make_encoder
+
+    encode = make_encoder(model, clip_vision, vae, device="cpu")
+    return [encode(name, degraded, clean) for name, degraded, clean in crops]

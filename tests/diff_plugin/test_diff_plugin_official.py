@@ -433,7 +433,7 @@ def test_run_chain_official_sampler_equals_official_loop(loops, step_setup):
     grid and final latent): the official loop's result to 1e-4."""
     import comfy.sample
 
-    from plugkit.nodes.diff_plugin.nodes import sample_official
+    from plugkit.nodes.diff_plugin.runs import sample_official
 
     official = loops[0]
     m, positive, latent, _, _ = step_setup

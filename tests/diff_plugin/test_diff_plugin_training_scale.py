@@ -82,7 +82,8 @@ def test_pairs_stream_memory_does_not_grow_with_the_dataset(frozen, tmp_path):
     per step are the same, at most one batch; the in-memory path would hold all of them (10 and 200).
     Streaming trains exactly as the old pre-encoded path does on the same pairs and seed."""
     from plugkit.nodes.diff_plugin import plugin_training as pt
-    from plugkit.nodes.diff_plugin.runs import encode_pairs, make_encoder
+    from diff_plugin_testlib import encode_pairs
+    from plugkit.nodes.diff_plugin.runs import make_encoder
 
     model, cv, vae, _, _ = frozen
     figures = {}
@@ -120,7 +121,7 @@ def test_pairs_stream_memory_does_not_grow_with_the_dataset(frozen, tmp_path):
 @pytest.fixture(scope="module")
 def encoded(frozen, tmp_path_factory):
     from plugkit.nodes.diff_plugin import plugin_training as pt
-    from plugkit.nodes.diff_plugin.runs import encode_pairs
+    from diff_plugin_testlib import encode_pairs
 
     model, cv, vae, _, _ = frozen
     pairs, _ = pt.find_pairs(write_pairs(tmp_path_factory.mktemp("pairs"), 3))
