@@ -212,17 +212,6 @@ def augment_crop(degraded: torch.Tensor, clean: torch.Tensor, resolution: int,
     return apply(degraded), apply(clean)
 
 
-def read_pairs(pairs: list[tuple[Path, Path]], resolution: int) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]], list[str]]:
-    """Read and centre-crop every usable pair at once (small sets, tests); training streams instead
-    (``PairStream``)."""
-    good, skipped = check_pairs(pairs, resolution)
-    out = []
-    for degraded_path, clean_path in good:
-        out.append((degraded_path.stem, resize_crop(load_image(degraded_path), resolution),
-                    resize_crop(load_image(clean_path), resolution)))
-    return out, skipped
-
-
 Encoder = Callable[[str, torch.Tensor, torch.Tensor], EncodedPair]
 
 

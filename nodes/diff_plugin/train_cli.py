@@ -297,7 +297,3 @@ def main(argv=None, *, model=None, clip_vision=None, vae=None) -> int:
     output = check_train_args(args, given=given)
     return run_train(args, output, model=model, clip_vision=clip_vision, vae=vae)
 
-
-def convert_main(argv=None) -> int:
-    args, output = parse(CONVERT, list(argv or []))
-    return run_convert(args, output)

@@ -43,11 +43,11 @@ def test_loss_falls_and_saved_file_reloads(trainer_setup, tmp_path):
     from plugkit.nodes.diff_plugin import plugin_files as pf
     from plugkit.nodes.diff_plugin import plugin_training as pt
     from plugkit.nodes.diff_plugin.runs import alphas_cumprod, make_eps_model
-    from diff_plugin_testlib import encode_pairs
+    from diff_plugin_testlib import encode_pairs, read_pairs
 
     model, cv, vae, data = trainer_setup
     pairs, _ = pt.find_pairs(data)
-    crops, _ = pt.read_pairs(pairs, 64)
+    crops, _ = read_pairs(pairs, 64)
     encoded = encode_pairs(model, cv, vae, crops)
     eps_model = make_eps_model(model)
     alphas = alphas_cumprod(model)

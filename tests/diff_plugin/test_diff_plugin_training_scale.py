@@ -82,7 +82,7 @@ def test_pairs_stream_memory_does_not_grow_with_the_dataset(frozen, tmp_path):
     per step are the same, at most one batch; the in-memory path would hold all of them (10 and 200).
     Streaming trains exactly as the old pre-encoded path does on the same pairs and seed."""
     from plugkit.nodes.diff_plugin import plugin_training as pt
-    from diff_plugin_testlib import encode_pairs
+    from diff_plugin_testlib import encode_pairs, read_pairs
     from plugkit.nodes.diff_plugin.runs import make_encoder
 
     model, cv, vae, _, _ = frozen
@@ -106,7 +106,7 @@ def test_pairs_stream_memory_does_not_grow_with_the_dataset(frozen, tmp_path):
         figures[n] = (peak[0], reads[0])
         if n == 10:
             streamed = result
-            crops, _ = pt.read_pairs(pairs, 64)
+            crops, _ = read_pairs(pairs, 64)
             held = train(frozen, encode_pairs(model, cv, vae, crops), tmp_path / "held.safetensors", steps=2,
                          batch_size=2)
     assert figures[10] == figures[200], figures
@@ -121,11 +121,11 @@ def test_pairs_stream_memory_does_not_grow_with_the_dataset(frozen, tmp_path):
 @pytest.fixture(scope="module")
 def encoded(frozen, tmp_path_factory):
     from plugkit.nodes.diff_plugin import plugin_training as pt
-    from diff_plugin_testlib import encode_pairs
+    from diff_plugin_testlib import encode_pairs, read_pairs
 
     model, cv, vae, _, _ = frozen
     pairs, _ = pt.find_pairs(write_pairs(tmp_path_factory.mktemp("pairs"), 3))
-    return encode_pairs(model, cv, vae, pt.read_pairs(pairs, 64)[0])
+    return encode_pairs(model, cv, vae, read_pairs(pairs, 64)[0])
 
 
 def test_lr_scaling_is_the_official_rule(frozen, encoded, tmp_path):
