@@ -211,8 +211,8 @@ class PlugKitRunPluginChain(io.ComfyNode):
             log.info("Diff-Plugin chain: no plugin selected; returning the input image")
             return io.NodeOutput(image)
         out = runs.run_plugin_chain(model, chain, clip_vision, vae, image, seed=seed, steps=steps,
-                               later_steps=later_steps, sampler_name=sampler_name, scheduler=scheduler,
-                               start=start, resize=resize)
+                                    later_steps=later_steps, sampler_name=sampler_name, scheduler=scheduler,
+                                    start=start, resize=resize)
         return io.NodeOutput(out)
 
 
