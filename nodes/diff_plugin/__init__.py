@@ -1,17 +1,12 @@
 """Diff-Plugin (Liu et al., CVPR 2024): Task-Plugins, the Plugin-Selector and plugin training.
 
-``NODES`` is resolved on first access (PEP 562), so the pure-torch modules (``task_plugin``,
-``plugin_selector``, ``plugin_files``, ``plugin_training``) and the command-line tools import
-without ComfyUI's node API on the path.
+Math and files (comfy-free, importable alone): ``task_plugin``, ``plugin_selector``, ``plugin_files``,
+``plugin_training``, ``official_unipc``, ``official_resize``; the command line ``train_cli``. ComfyUI
+side: ``hooks`` (what ComfyUI calls while sampling), ``runs`` (model runs), ``nodes`` (glue), imported
+lazily so the math and the command-line tools import without ComfyUI's node API on the path.
 """
 
 
-def __getattr__(name: str):
-    if name == "NODES":
-        from .plugin_nodes import NODES as plugin_nodes
-        from .train_nodes import NODES as train_nodes
+from ..lazy_nodes import node_list_getattr
 
-        nodes = [*plugin_nodes, *train_nodes]
-        globals()["NODES"] = nodes
-        return nodes
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = node_list_getattr(__name__)

@@ -280,11 +280,6 @@ def load_selector(path: str | os.PathLike) -> PromptTuner:
     return tuner.train(False).requires_grad_(False)
 
 
-def save_selector(tuner: PromptTuner, path: str | os.PathLike) -> Path:
-    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tuner.state_dict().items()}
-    return atomic_save_safetensors(sd, {"format": SELECTOR_FORMAT, "version": FORMAT_VERSION}, path)
-
-
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The safetensors header metadata only (no tensor is read); raises PluginFileError when unreadable."""
     from safetensors import safe_open

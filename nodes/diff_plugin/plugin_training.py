@@ -5,7 +5,7 @@ to 1.0 for the SCB and the TPB each; optional gradient accumulation, the officia
 crop and flip, fp16/bf16 autocast (fp16 with loss scaling) over fp32 plugin weights, and several
 processes (DistributedDataParallel under an initialised torch.distributed group).
 
-No ComfyUI import: the frozen models come in as callables (see ``train_nodes.py`` for the glue):
+No ComfyUI import: the frozen models come in as callables (see ``runs.py`` for the glue):
 - ``eps_model(x_t, t, context, residuals) -> eps`` (the U-Net with the residuals on its first three skips),
 - ``encode(name, degraded, clean) -> EncodedPair`` (clean and degraded latents, already scaled, and the
   degraded image's CLIP vision last hidden states), called by ``PairStream`` per sample as batches need
@@ -210,17 +210,6 @@ def augment_crop(degraded: torch.Tensor, clean: torch.Tensor, resolution: int,
         return x.movedim(1, -1).clamp(0, 1)
 
     return apply(degraded), apply(clean)
-
-
-def read_pairs(pairs: list[tuple[Path, Path]], resolution: int) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]], list[str]]:
-    """Read and centre-crop every usable pair at once (small sets, tests); training streams instead
-    (``PairStream``)."""
-    good, skipped = check_pairs(pairs, resolution)
-    out = []
-    for degraded_path, clean_path in good:
-        out.append((degraded_path.stem, resize_crop(load_image(degraded_path), resolution),
-                    resize_crop(load_image(clean_path), resolution)))
-    return out, skipped
 
 
 Encoder = Callable[[str, torch.Tensor, torch.Tensor], EncodedPair]

@@ -25,7 +25,6 @@ from torch import nn
 CLIP_VISION_DIM = 1024  # CLIP ViT-L/14 hidden size
 CONTEXT_DIM = 768  # SD 1.x cross-attention dim (Fp width)
 SCB_CHANNELS = 320
-SCB_TIME_DIM = SCB_CHANNELS * 4
 SCB_HEADS = 8  # diffusers 0.17 passes attention_head_dim=8 as the number of heads
 SCB_LAYERS = 2
 LATENT_CHANNELS = 4
@@ -33,7 +32,6 @@ GROUPS = 32
 
 # Tasks whose official inference starts from pure noise instead of the noised input latent.
 NOISE_START_TASKS = frozenset({"lowlight", "highlight"})
-RELEASED_TASKS = ("derain", "desnow", "dehaze", "demoire", "deblur", "highlight", "lowlight", "face")
 
 
 class TaskPromptBranch(nn.Module):

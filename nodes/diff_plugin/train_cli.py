@@ -200,7 +200,7 @@ def _run_train(args: argparse.Namespace, output: Path, *, model=None, clip_visio
         if clip_vision is None:
             raise ValueError(f"--clip-vision: '{args.clip_vision}' is not a CLIP vision model")
     from . import plugin_training as pt
-    from .train_nodes import train_from_folder
+    from .runs import train_from_folder
 
     rank, _ = pt.distributed_world()
 
@@ -297,7 +297,3 @@ def main(argv=None, *, model=None, clip_vision=None, vae=None) -> int:
     output = check_train_args(args, given=given)
     return run_train(args, output, model=model, clip_vision=clip_vision, vae=vae)
 
-
-def convert_main(argv=None) -> int:
-    args, output = parse(CONVERT, list(argv or []))
-    return run_convert(args, output)

@@ -36,3 +36,31 @@ def write_released_plugin(root: Path, task: str, seed: int = 0, module_prefix: b
     return folder, scb, tpb
 
 
+
+
+def encode_pairs(model, clip_vision, vae, crops):
+    """Every crop encoded at once, on the CPU, with the trainer's own encoder (``runs.make_encoder``);
+    training streams instead. Small sets only."""
+    from plugkit.nodes.diff_plugin.runs import make_encoder
+
+    encode = make_encoder(model, clip_vision, vae, device="cpu")
+    return [encode(name, degraded, clean) for name, degraded, clean in crops]
+
+
+def read_pairs(pairs, resolution: int):
+    """Read and centre-crop every usable pair at once (small sets only; training streams: ``PairStream``)."""
+    from plugkit.nodes.diff_plugin import plugin_training as pt
+
+    good, skipped = pt.check_pairs(pairs, resolution)
+    out = [(d.stem, pt.resize_crop(pt.load_image(d), resolution), pt.resize_crop(pt.load_image(c), resolution))
+           for d, c in good]
+    return out, skipped
+
+
+def save_selector(tuner, path):
+    """A Plugin-Selector as a PlugKit .safetensors file (what ``plugin_files.load_selector`` reads besides the
+    released .pt)."""
+    from plugkit.nodes.diff_plugin import plugin_files as pf
+
+    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tuner.state_dict().items()}
+    return pf.atomic_save_safetensors(sd, {"format": pf.SELECTOR_FORMAT, "version": pf.FORMAT_VERSION}, path)

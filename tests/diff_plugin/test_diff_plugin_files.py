@@ -10,7 +10,7 @@ from plugkit.nodes.diff_plugin import plugin_files as pf
 from plugkit.nodes.diff_plugin.plugin_selector import PromptTuner
 from plugkit.nodes.diff_plugin.task_plugin import TaskPlugin
 
-from diff_plugin_testlib import RELEASED_SCB_CONFIG, random_state, write_released_plugin  # noqa: E402
+from diff_plugin_testlib import RELEASED_SCB_CONFIG, random_state, save_selector, write_released_plugin  # noqa: E402
 
 
 def _assert_loaded(plugin, scb, tpb):
@@ -145,7 +145,7 @@ def test_selector_released_and_safetensors(tmp_path):
     torch.save({"model": {"module." + k: v for k, v in sd.items()}}, path)
     tuner = pf.load_selector(path)
     assert all(torch.equal(tuner.state_dict()[k], sd[k]) for k in sd)
-    st = pf.save_selector(tuner, tmp_path / "sel.safetensors")
+    st = save_selector(tuner, tmp_path / "sel.safetensors")
     again = pf.load_selector(st)
     assert all(torch.equal(again.state_dict()[k], sd[k]) for k in sd)
     torch.save({"model": {"proj_v.weight": torch.zeros(768, 768)}}, path)

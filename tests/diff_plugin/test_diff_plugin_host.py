@@ -13,7 +13,7 @@ from diff_plugin_testlib import random_state, write_released_plugin
 
 
 def make_handle(name="derain", seed=0, zero_outputs=False, channels=32):
-    from plugkit.nodes.diff_plugin.scb_control import PluginHandle
+    from plugkit.nodes.diff_plugin.hooks import PluginHandle
     from plugkit.nodes.diff_plugin.task_plugin import TaskPlugin
 
     plugin = TaskPlugin(name, scb_channels=channels)
@@ -44,7 +44,7 @@ def run(model, positive, latent, steps=4, sampler="euler", **kw):
 
 
 def test_apply_outputs_fp_as_context_and_start_latent(setup):
-    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitApplyTaskPlugin
+    from plugkit.nodes.diff_plugin.nodes import PlugKitApplyTaskPlugin
 
     model, cv, vae, img = setup
     handle = make_handle()
@@ -64,7 +64,7 @@ def test_apply_outputs_fp_as_context_and_start_latent(setup):
 
 
 def test_fp_replaces_the_context_in_the_unet(setup):
-    from plugkit.nodes.diff_plugin.plugin_nodes import apply_task_plugin
+    from plugkit.nodes.diff_plugin.runs import apply_task_plugin
 
     model, cv, vae, img = setup
     m, positive, latent = apply_task_plugin(model, make_handle(), cv, vae, img, resize="none")
@@ -82,7 +82,7 @@ def test_fp_replaces_the_context_in_the_unet(setup):
 
 
 def test_residuals_land_on_the_last_three_skips_only(setup):
-    from plugkit.nodes.diff_plugin.plugin_nodes import apply_task_plugin
+    from plugkit.nodes.diff_plugin.runs import apply_task_plugin
 
     model, cv, vae, img = setup
     handle = make_handle(seed=5)
@@ -119,7 +119,7 @@ def test_residuals_land_on_the_last_three_skips_only(setup):
 
 
 def test_zero_initialised_scb_equals_plain_sampling_with_fp(setup):
-    from plugkit.nodes.diff_plugin.plugin_nodes import apply_task_plugin
+    from plugkit.nodes.diff_plugin.runs import apply_task_plugin
 
     model, cv, vae, img = setup
     m, positive, latent = apply_task_plugin(model, make_handle(zero_outputs=True), cv, vae, img, resize="none")
@@ -136,7 +136,7 @@ def test_weight_patches_still_apply_and_the_model_is_not_mutated(setup):
     its patches and options."""
     import copy
 
-    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitApplyTaskPlugin
+    from plugkit.nodes.diff_plugin.nodes import PlugKitApplyTaskPlugin
     from tools.fixtures.models import build_model
 
     model, cv, vae, img = setup
@@ -167,7 +167,7 @@ def test_weight_patches_still_apply_and_the_model_is_not_mutated(setup):
 
 
 def test_control_api_copy_models_chain_and_cleanup(setup):
-    from plugkit.nodes.diff_plugin.plugin_nodes import apply_task_plugin
+    from plugkit.nodes.diff_plugin.runs import apply_task_plugin
 
     model, cv, vae, img = setup
     h1, h2 = make_handle(seed=1), make_handle(seed=2)
@@ -200,7 +200,7 @@ def test_control_api_copy_models_chain_and_cleanup(setup):
 
 
 def test_wrong_model_family_is_a_clear_error(comfy, setup):
-    from plugkit.nodes.diff_plugin.plugin_nodes import apply_task_plugin
+    from plugkit.nodes.diff_plugin.runs import apply_task_plugin
     from tools.fixtures.models import build_model, tiny_unet_config
 
     model, cv, vae, img = setup
@@ -214,7 +214,8 @@ def test_wrong_model_family_is_a_clear_error(comfy, setup):
 def test_loader_finds_released_and_safetensors_plugins(comfy, tmp_path):
     import folder_paths
     from plugkit.nodes.diff_plugin import plugin_files as pf
-    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitTaskPluginLoader, plugin_folders, scan_folder
+    from plugkit.nodes.diff_plugin.nodes import PlugKitTaskPluginLoader
+    from plugkit.nodes.diff_plugin.model_folders import plugin_folders, scan_folder
     from plugkit.nodes.diff_plugin.plugin_selector import PromptTuner
     from plugkit.nodes.diff_plugin.task_plugin import TaskPlugin
 
@@ -247,7 +248,7 @@ def test_loader_finds_released_and_safetensors_plugins(comfy, tmp_path):
 
 
 def test_chain_runs_official_schedule(setup, monkeypatch):
-    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitRunPluginChain
+    from plugkit.nodes.diff_plugin.nodes import PlugKitRunPluginChain
 
     model, cv, vae, img = setup
     calls, encoded = [], []
@@ -280,7 +281,8 @@ def test_chain_runs_official_schedule(setup, monkeypatch):
 def test_chain_runs_one_plugin_with_the_official_sampler_by_default(setup):
     """A single loaded plugin on the 'plugin' input, default sampler (official): one model call per step,
     the official grid (first call at t = 999), and a clear error when nothing is connected."""
-    from plugkit.nodes.diff_plugin.plugin_nodes import OFFICIAL_SAMPLER, PlugKitRunPluginChain
+    from plugkit.nodes.diff_plugin.runs import OFFICIAL_SAMPLER
+    from plugkit.nodes.diff_plugin.nodes import PlugKitRunPluginChain
 
     model, cv, vae, img = setup
     timesteps = []
@@ -309,7 +311,9 @@ def test_selector_node_picks_the_plugin_built_for_the_instruction(sd15_full, tin
     """Plugins whose Fp max-pools to directions dual to the instructions' pooled text embeddings
     (from the real SD text encoder): the selector must pick the matching one(s), in order."""
     import folder_paths
-    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitPluginSelector, plugin_folders, pooled_text
+    from plugkit.nodes.diff_plugin.nodes import PlugKitPluginSelector
+    from plugkit.nodes.diff_plugin.model_folders import plugin_folders
+    from plugkit.nodes.diff_plugin.runs import pooled_text
     from plugkit.nodes.diff_plugin.plugin_selector import PromptTuner
 
     _, clip, _ = sd15_full

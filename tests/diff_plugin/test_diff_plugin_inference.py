@@ -118,7 +118,8 @@ def test_apply_node_upscales_small_input_to_the_official_latent(comfy, tiny_mode
     """A 200 x 120 input through the node with its default rule (infer.py): VAE input 853 x 512 -> 848 x
     512, latent 106 x 64; the TPB still sees the original image (its CLIP crop)."""
     from plugkit.nodes.diff_plugin.official_resize import RESIZE_INFER, official_size
-    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitApplyTaskPlugin, clip_hidden_states
+    from plugkit.nodes.diff_plugin.nodes import PlugKitApplyTaskPlugin
+    from plugkit.nodes.diff_plugin.runs import clip_hidden_states
 
     handle = make_handle()
     schema = PlugKitApplyTaskPlugin.define_schema()
@@ -136,7 +137,7 @@ def test_apply_node_upscales_small_input_to_the_official_latent(comfy, tiny_mode
 # --- shared tiny setup ----------------------------------------------------------------------------------
 
 def make_handle(name="derain", seed=5):
-    from plugkit.nodes.diff_plugin.scb_control import PluginHandle
+    from plugkit.nodes.diff_plugin.hooks import PluginHandle
     from plugkit.nodes.diff_plugin.task_plugin import TaskPlugin
 
     plugin = TaskPlugin(name, scb_channels=32)
@@ -151,7 +152,7 @@ def scb_state(handle) -> dict:
 @pytest.fixture(scope="module")
 def small(comfy, tiny_clip_vision, tiny_vae):
     """A 64 x 48 image (8 x 6 latent: cheap), one derain plugin applied, and the official model beside it."""
-    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitApplyTaskPlugin
+    from plugkit.nodes.diff_plugin.nodes import PlugKitApplyTaskPlugin
     from tools.fixtures.models import build_model
 
     model = build_model(seed=0)
@@ -192,7 +193,7 @@ def test_official_sampler_equals_infer_loop(small, steps):
     rule moves: with the re-noising fixed but the grid from torch's linspace (t = 500 instead of 499 at
     26 steps) this test measured 1.5e-2 at 26 steps; the re-noising rule moved by one step fails the
     solver test in test_diff_plugin_official (> 1e-3)."""
-    from plugkit.nodes.diff_plugin.plugin_nodes import sample_official
+    from plugkit.nodes.diff_plugin.runs import sample_official
 
     m, positive, latent = small["m"], small["positive"], small["latent"]
     noise = seed_noise(latent["samples"])
@@ -210,7 +211,7 @@ def test_sampler_and_sigmas_nodes_in_core_samplercustom_equal_infer_loop(small, 
     is another solver: test_diff_plugin_official measures it.)"""
     from comfy_extras.nodes_custom_sampler import SamplerCustom
 
-    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitDiffPluginSampler, PlugKitDiffPluginSigmas
+    from plugkit.nodes.diff_plugin.nodes import PlugKitDiffPluginSampler, PlugKitDiffPluginSigmas
 
     m, positive, latent = small["m"], small["positive"], small["latent"]
     sigmas = PlugKitDiffPluginSigmas.execute(model=m, steps=26).result[0]
@@ -227,7 +228,7 @@ def test_sampler_node_noise_start_equals_infer_random_noise(small, comfy_nodes, 
     --inp_of_unet_is_random_noise (latents = randn, never re-noised), 3 steps, to 1e-5."""
     from comfy_extras.nodes_custom_sampler import SamplerCustom
 
-    from plugkit.nodes.diff_plugin.plugin_nodes import (PlugKitApplyTaskPlugin, PlugKitDiffPluginSampler,
+    from plugkit.nodes.diff_plugin.nodes import (PlugKitApplyTaskPlugin, PlugKitDiffPluginSampler,
                                                         PlugKitDiffPluginSigmas)
 
     handle = make_handle("lowlight", seed=5)
@@ -265,7 +266,7 @@ def test_graph_route_warns_when_cfg_is_not_one(small, caplog):
 # --- 4. start latent ----------------------------------------------------------------------------------
 
 def test_start_input_overrides_the_task_rule(small, tiny_clip_vision, tiny_vae):
-    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitApplyTaskPlugin
+    from plugkit.nodes.diff_plugin.nodes import PlugKitApplyTaskPlugin
 
     def start_latent(name, start):
         return PlugKitApplyTaskPlugin.execute(model=small["model"], plugin=make_handle(name), clip_vision=tiny_clip_vision,
@@ -277,9 +278,9 @@ def test_start_input_overrides_the_task_rule(small, tiny_clip_vision, tiny_vae):
     assert start_latent("my_lowlight_v2", "official (per task)").abs().max() > 0  # the name rule alone ...
     assert start_latent("my_lowlight_v2", "noise").abs().max() == 0  # ... and the input that overrides it
     torch.testing.assert_close(start_latent("highlight", "image"), image_latent)
-    with pytest.raises(ValueError, match="PlugKitApplyTaskPlugin: input 'start'"):
+    with pytest.raises(ValueError, match=r"^PlugKitApplyTaskPlugin: input 'start' must be one of official \(per task\), noise, image, got 'zeros'\.$"):
         start_latent("derain", "zeros")
-    with pytest.raises(ValueError, match="PlugKitApplyTaskPlugin: input 'resize'"):
+    with pytest.raises(ValueError, match=r"^PlugKitApplyTaskPlugin: input 'resize' must be one of .*, got 'crop'\.$"):
         PlugKitApplyTaskPlugin.execute(model=small["model"], plugin=make_handle(), clip_vision=tiny_clip_vision,
                                        vae=tiny_vae, image=small["img"], resize="crop")
 
@@ -291,7 +292,7 @@ def official_demo_chain(small, handles, cv, vae, image, steps, later_steps, seed
     from the ORIGINAL image's CLIP features, computed once; per plugin: VAE input = the current image
     (the previous result through postprocess -> PIL, i.e. 8-bit), the same seed's noise, random-noise
     start for lowlight/highlight, inference_step for the first plugin and 3 (here later_steps) after."""
-    from plugkit.nodes.diff_plugin.plugin_nodes import clip_hidden_states
+    from plugkit.nodes.diff_plugin.runs import clip_hidden_states
 
     hidden = clip_hidden_states(cv, image)
     with torch.no_grad():
@@ -322,7 +323,8 @@ def test_chain_equals_demo_py_and_prompts_come_from_the_original(small, tiny_cli
     original image's CLIP features (one CLIP pass), the second plugin's VAE input is the first result.
     The old chain (each Fp from the intermediate image) fails the token check: the second TPB then reads
     the first result's features."""
-    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitRunPluginChain, clip_hidden_states
+    from plugkit.nodes.diff_plugin.nodes import PlugKitRunPluginChain
+    from plugkit.nodes.diff_plugin.runs import clip_hidden_states
 
     handles = [make_handle("derain", seed=5), make_handle("lowlight", seed=6)]
     img = small["img"]

@@ -31,7 +31,7 @@ def comfyui_is_changed(monkeypatch, plugin_name: str):
     import nodes
     from comfy_execution.graph import DynamicPrompt
 
-    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitTaskPluginLoader
+    from plugkit.nodes.diff_plugin.nodes import PlugKitTaskPluginLoader
 
     monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, "PlugKitTaskPluginLoader", PlugKitTaskPluginLoader)
     prompt = {"1": {"class_type": "PlugKitTaskPluginLoader", "inputs": {"plugin_name": plugin_name}}}
@@ -44,7 +44,7 @@ def test_loader_reloads_a_plugin_retrained_under_the_same_name(plugin_dir, monke
     the loader returns the new weights. Without fingerprint_inputs ComfyUI's answer is False both
     times, i.e. the first load's output is reused (the bug)."""
     from plugkit.nodes.diff_plugin import plugin_files
-    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitTaskPluginLoader
+    from plugkit.nodes.diff_plugin.nodes import PlugKitTaskPluginLoader
     from plugkit.nodes.diff_plugin.task_plugin import TaskPlugin
 
     def train(seed):

@@ -30,7 +30,9 @@ def test_extra_model_paths_yaml_folder_is_listed_and_loads(comfy, tmp_path):
 
     load_extra_path_config = host_extra_config(comfy).load_extra_path_config
 
-    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitTaskPluginLoader, plugin_folders
+    from plugkit.nodes.diff_plugin.nodes import PlugKitTaskPluginLoader
+
+    from plugkit.nodes.diff_plugin.model_folders import plugin_folders
 
     shared = tmp_path / "shared_models"
     _, scb, _ = write_released_plugin(shared / "diff_plugin", "dehaze", seed=9)
@@ -54,7 +56,8 @@ def test_extra_model_paths_yaml_folder_is_listed_and_loads(comfy, tmp_path):
 
 
 def test_missing_plugin_names_every_searched_folder(comfy, tmp_path):
-    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitTaskPluginLoader, plugin_folders
+    from plugkit.nodes.diff_plugin.nodes import PlugKitTaskPluginLoader
+    from plugkit.nodes.diff_plugin.model_folders import plugin_folders
 
     with pytest.raises(ValueError) as err:
         PlugKitTaskPluginLoader.execute(plugin_name="no_such_plugin")
@@ -71,7 +74,7 @@ def plugin_folder(comfy, tmp_path):
     import folder_paths
     import torch
 
-    from plugkit.nodes.diff_plugin.plugin_nodes import plugin_folders
+    from plugkit.nodes.diff_plugin.model_folders import plugin_folders
     from plugkit.nodes.diff_plugin.plugin_selector import PromptTuner
 
     base = tmp_path / "models" / "diff_plugin"
@@ -99,7 +102,7 @@ def test_names_outside_the_folders_get_the_not_found_message(plugin_folder):
     """ComfyUI 0.3.75 does not check V3 dropdown values, so the node must: a name that is not in its list
     (absolute, '..', a file that is no plugin) gets exactly the message of a missing name, whether or not
     something exists there."""
-    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitPluginSelector, PlugKitTaskPluginLoader
+    from plugkit.nodes.diff_plugin.nodes import PlugKitPluginSelector, PlugKitTaskPluginLoader
 
     base, outside = plugin_folder
     assert PlugKitTaskPluginLoader.execute(plugin_name="derain").result[0].name == "derain"
@@ -128,7 +131,8 @@ def test_names_outside_the_folders_get_the_not_found_message(plugin_folder):
 def test_listing_offers_the_names_the_loader_accepts(plugin_folder):
     """Links the owner placed in the folder (a plugin kept on another disk) are listed and load, as in
     ComfyUI's own model folders; the test servers link their random plugins in the same way."""
-    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitTaskPluginLoader, scan_folder
+    from plugkit.nodes.diff_plugin.nodes import PlugKitTaskPluginLoader
+    from plugkit.nodes.diff_plugin.model_folders import scan_folder
 
     base, outside = plugin_folder
     (base / "linked").symlink_to(outside / "evil")
@@ -139,14 +143,14 @@ def test_listing_offers_the_names_the_loader_accepts(plugin_folder):
 
 
 def test_choice_inputs_are_checked_by_the_nodes(comfy):
-    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitPluginSelector, PlugKitRunPluginChain
+    from plugkit.nodes.diff_plugin.nodes import PlugKitPluginSelector, PlugKitRunPluginChain
 
-    with pytest.raises(ValueError, match=r"PlugKitPluginSelector: input 'rule' is 'best'; use one of"):
+    with pytest.raises(ValueError, match=r"^PlugKitPluginSelector: input 'rule' must be one of official \(score > 0\), above null, got 'best'\.$"):
         PlugKitPluginSelector.execute(clip=None, clip_vision=None, image=None, instruction="x",
                                       selector_name="s.pt", rule="best", plugin_1=object())
-    with pytest.raises(ValueError, match=r"PlugKitRunPluginChain: input 'scheduler' is 'fast'; use one of"):
+    with pytest.raises(ValueError, match=r"^PlugKitRunPluginChain: input 'scheduler' must be one of normal, simple, sgm_uniform, karras, got 'fast'\.$"):
         PlugKitRunPluginChain.execute(model=None, clip_vision=None, vae=None, image=None, plugin=object(),
                                       scheduler="fast")
-    with pytest.raises(ValueError, match=r"PlugKitRunPluginChain: input 'sampler_name' is '../x'"):
+    with pytest.raises(ValueError, match=r"^PlugKitRunPluginChain: input 'sampler_name' must be one of official, uni_pc_bh2, .*, got '\.\./x'\.$"):
         PlugKitRunPluginChain.execute(model=None, clip_vision=None, vae=None, image=None, plugin=object(),
                                       sampler_name="../x")

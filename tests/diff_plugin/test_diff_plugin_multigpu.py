@@ -7,7 +7,7 @@ import torch
 
 
 def _control(tiny_model):
-    from plugkit.nodes.diff_plugin.scb_control import PluginHandle, TaskPluginControl
+    from plugkit.nodes.diff_plugin.hooks import PluginHandle, TaskPluginControl
     from plugkit.nodes.diff_plugin.task_plugin import TaskPlugin
 
     torch.manual_seed(0)

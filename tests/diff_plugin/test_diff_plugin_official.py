@@ -97,8 +97,8 @@ def hf_clip_vision(comfy_clip_vision, layers: int = 2, intermediate: int = 256):
 def test_tpb_input_equals_transformers_last_layer_without_class_token(comfy, tiny_clip_vision, tiny_vae, tiny_model):
     import comfy.clip_vision
 
-    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitApplyTaskPlugin
-    from plugkit.nodes.diff_plugin.scb_control import PluginHandle
+    from plugkit.nodes.diff_plugin.nodes import PlugKitApplyTaskPlugin
+    from plugkit.nodes.diff_plugin.hooks import PluginHandle
     from plugkit.nodes.diff_plugin.task_plugin import TaskPlugin
 
     plugin = TaskPlugin("derain", scb_channels=32)
@@ -231,8 +231,8 @@ def comfy_denoised(model, positive, x_k: torch.Tensor, sigma: float) -> torch.Te
 
 @pytest.fixture(scope="module")
 def step_setup(comfy, tiny_clip_vision, tiny_vae):
-    from plugkit.nodes.diff_plugin.plugin_nodes import PlugKitApplyTaskPlugin
-    from plugkit.nodes.diff_plugin.scb_control import PluginHandle
+    from plugkit.nodes.diff_plugin.nodes import PlugKitApplyTaskPlugin
+    from plugkit.nodes.diff_plugin.hooks import PluginHandle
     from plugkit.nodes.diff_plugin.task_plugin import TaskPlugin
     from tools.fixtures.models import build_model
 
@@ -433,7 +433,7 @@ def test_run_chain_official_sampler_equals_official_loop(loops, step_setup):
     grid and final latent): the official loop's result to 1e-4."""
     import comfy.sample
 
-    from plugkit.nodes.diff_plugin.plugin_nodes import sample_official
+    from plugkit.nodes.diff_plugin.runs import sample_official
 
     official = loops[0]
     m, positive, latent, _, _ = step_setup

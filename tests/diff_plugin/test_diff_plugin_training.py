@@ -31,7 +31,7 @@ def trainer_setup(comfy, tiny_model, tiny_clip_vision, tiny_vae, tmp_path):
 
 
 def _train(setup, output, **kw):
-    from plugkit.nodes.diff_plugin.train_nodes import train_from_folder
+    from plugkit.nodes.diff_plugin.runs import train_from_folder
 
     model, cv, vae, data = setup
     args = dict(name="tiny_derain", resolution=64, steps=4, batch_size=1, learning_rate=1e-3, save_every=2, seed=0)
@@ -42,11 +42,12 @@ def _train(setup, output, **kw):
 def test_loss_falls_and_saved_file_reloads(trainer_setup, tmp_path):
     from plugkit.nodes.diff_plugin import plugin_files as pf
     from plugkit.nodes.diff_plugin import plugin_training as pt
-    from plugkit.nodes.diff_plugin.train_nodes import alphas_cumprod, encode_pairs, make_eps_model
+    from plugkit.nodes.diff_plugin.runs import alphas_cumprod, make_eps_model
+    from diff_plugin_testlib import encode_pairs, read_pairs
 
     model, cv, vae, data = trainer_setup
     pairs, _ = pt.find_pairs(data)
-    crops, _ = pt.read_pairs(pairs, 64)
+    crops, _ = read_pairs(pairs, 64)
     encoded = encode_pairs(model, cv, vae, crops)
     eps_model = make_eps_model(model)
     alphas = alphas_cumprod(model)
@@ -139,9 +140,9 @@ def test_bad_pairs_are_skipped_and_reported(comfy, tiny_model, tiny_clip_vision,
 
 def test_node_and_cli(trainer_setup, tmp_path):
     import folder_paths
-    from plugkit.nodes.diff_plugin.plugin_nodes import plugin_folders
+    from plugkit.nodes.diff_plugin.model_folders import plugin_folders
     from plugkit.nodes.diff_plugin.train_cli import main
-    from plugkit.nodes.diff_plugin.train_nodes import PlugKitTrainTaskPlugin
+    from plugkit.nodes.diff_plugin.nodes import PlugKitTrainTaskPlugin
 
     model, cv, vae, data = trainer_setup
     out = tmp_path / "cli" / "mine.safetensors"
@@ -180,7 +181,7 @@ def test_images_smaller_than_the_resolution_are_refused_by_name(comfy, tiny_mode
 def train_folder(comfy, tmp_path):
     """models/diff_plugin registered at tmp_path/models (first, where the node writes)."""
     import folder_paths
-    from plugkit.nodes.diff_plugin.plugin_nodes import plugin_folders
+    from plugkit.nodes.diff_plugin.model_folders import plugin_folders
 
     plugin_folders()
     paths = folder_paths.folder_names_and_paths["diff_plugin"][0]
@@ -193,7 +194,7 @@ def train_folder(comfy, tmp_path):
 
 
 def _node(setup, **kw):
-    from plugkit.nodes.diff_plugin.train_nodes import PlugKitTrainTaskPlugin
+    from plugkit.nodes.diff_plugin.nodes import PlugKitTrainTaskPlugin
 
     model, cv, vae, data = setup
     args = dict(model=model, clip_vision=cv, vae=vae, data_folder=str(data), plugin_name="mine", resolution=64,
@@ -239,7 +240,7 @@ def test_node_names_and_choices_are_checked(trainer_setup, train_folder, tmp_pat
         with pytest.raises(ValueError, match="PlugKitTrainTaskPlugin: input 'plugin_name'"):
             _node(trainer_setup, plugin_name=name)
     assert not list(outside.iterdir()) and not (tmp_path / "escape.safetensors").exists()
-    with pytest.raises(ValueError, match="PlugKitTrainTaskPlugin: input 'start' is 'sideways'"):
+    with pytest.raises(ValueError, match=r"^PlugKitTrainTaskPlugin: input 'start' must be one of input, noise, got 'sideways'\.$"):
         _node(trainer_setup, start="sideways")
     _node(trainer_setup, plugin_name="team/sub/mine")  # sub-folders inside models/diff_plugin are made
     assert (train_folder / "team" / "sub" / "mine.safetensors").is_file()

@@ -32,7 +32,7 @@ def write_pairs(root: Path, n: int, size: int = 64) -> Path:
 def frozen(comfy, tiny_clip_vision, tiny_vae):
     from tools.fixtures.models import build_model
 
-    from plugkit.nodes.diff_plugin.train_nodes import alphas_cumprod, make_eps_model
+    from plugkit.nodes.diff_plugin.runs import alphas_cumprod, make_eps_model
 
     model = build_model(seed=0)
     return model, tiny_clip_vision, tiny_vae, make_eps_model(model), alphas_cumprod(model)
@@ -82,7 +82,8 @@ def test_pairs_stream_memory_does_not_grow_with_the_dataset(frozen, tmp_path):
     per step are the same, at most one batch; the in-memory path would hold all of them (10 and 200).
     Streaming trains exactly as the old pre-encoded path does on the same pairs and seed."""
     from plugkit.nodes.diff_plugin import plugin_training as pt
-    from plugkit.nodes.diff_plugin.train_nodes import encode_pairs, make_encoder
+    from diff_plugin_testlib import encode_pairs, read_pairs
+    from plugkit.nodes.diff_plugin.runs import make_encoder
 
     model, cv, vae, _, _ = frozen
     figures = {}
@@ -105,7 +106,7 @@ def test_pairs_stream_memory_does_not_grow_with_the_dataset(frozen, tmp_path):
         figures[n] = (peak[0], reads[0])
         if n == 10:
             streamed = result
-            crops, _ = pt.read_pairs(pairs, 64)
+            crops, _ = read_pairs(pairs, 64)
             held = train(frozen, encode_pairs(model, cv, vae, crops), tmp_path / "held.safetensors", steps=2,
                          batch_size=2)
     assert figures[10] == figures[200], figures
@@ -120,11 +121,11 @@ def test_pairs_stream_memory_does_not_grow_with_the_dataset(frozen, tmp_path):
 @pytest.fixture(scope="module")
 def encoded(frozen, tmp_path_factory):
     from plugkit.nodes.diff_plugin import plugin_training as pt
-    from plugkit.nodes.diff_plugin.train_nodes import encode_pairs
+    from diff_plugin_testlib import encode_pairs, read_pairs
 
     model, cv, vae, _, _ = frozen
     pairs, _ = pt.find_pairs(write_pairs(tmp_path_factory.mktemp("pairs"), 3))
-    return encode_pairs(model, cv, vae, pt.read_pairs(pairs, 64)[0])
+    return encode_pairs(model, cv, vae, read_pairs(pairs, 64)[0])
 
 
 def test_lr_scaling_is_the_official_rule(frozen, encoded, tmp_path):
@@ -342,7 +343,7 @@ def test_validation_images_and_loss_curve(frozen, tmp_path):
     decoded, as input | plugin output | target; the images come back and through on_validation; the loss
     curve is drawn from the losses (a curve differs from a flat one)."""
     from plugkit.nodes.diff_plugin import plugin_training as pt
-    from plugkit.nodes.diff_plugin.train_nodes import train_from_folder
+    from plugkit.nodes.diff_plugin.runs import train_from_folder
 
     model, cv, vae, _, _ = frozen
     data = write_pairs(tmp_path / "data", 2)

@@ -23,7 +23,7 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from plugkit.nodes.diff_plugin.train_nodes import train_from_folder
+    from plugkit.nodes.diff_plugin.runs import train_from_folder
     from tools.bench import rss_growth
     from tools.fixtures.models import build_clip_vision, build_model, build_vae
 

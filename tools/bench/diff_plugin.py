@@ -68,8 +68,8 @@ def training_section(pair_counts=(10, 1000), steps: int = 6, batch: int = 2) -> 
 
 def run(ctx) -> str:
     from plugkit.nodes.diff_plugin import plugin_files
-    from plugkit.nodes.diff_plugin.plugin_nodes import apply_task_plugin
-    from plugkit.nodes.diff_plugin.scb_control import PluginHandle
+    from plugkit.nodes.diff_plugin.runs import apply_task_plugin
+    from plugkit.nodes.diff_plugin.hooks import PluginHandle
     from plugkit.nodes.diff_plugin.task_plugin import parameter_count
     from tools.fixtures.models import sample
 

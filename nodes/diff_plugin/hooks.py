@@ -1,4 +1,5 @@
-"""ComfyUI glue for one Task-Plugin: the loaded handle, and the SCB as a ControlBase.
+"""What ComfyUI calls while sampling with a Task-Plugin: the loaded handle, the SCB as a ControlBase,
+the cfg warning (an OUTER_SAMPLE wrapper), and the training-side U-Net patch that adds the SCB residuals.
 
 The SCB rides on the conditioning's ``control`` key, so the core samplers run it every step, load it
 with the U-Net (``get_models``), chain it with core ControlNets (``previous_controlnet``) and clean it
@@ -23,6 +24,7 @@ from .task_plugin import CONTEXT_DIM, TaskPlugin
 log = logging.getLogger(__name__)
 
 SD1_SKIPS = 12
+CFG_WRAPPER_KEY = "plugkit_diff_plugin_cfg"
 
 
 class PluginHandle:
@@ -70,9 +72,6 @@ class TaskPluginControl(comfy.controlnet.ControlBase):
     def get_models(self):
         return super().get_models() + [self.handle.patcher]
 
-    def inference_memory_requirements(self, dtype):
-        return super().inference_memory_requirements(dtype)
-
     def copy(self):
         c = TaskPluginControl(self.handle, self.cond_latent, self.strength)
         self.copy_to(c)
@@ -108,6 +107,34 @@ class TaskPluginControl(comfy.controlnet.ControlBase):
         residuals = [r.to(device=x_noisy.device) for r in residuals]
         control = {"input": [], "middle": [], "output": residuals + [None] * (SD1_SKIPS - len(residuals))}
         return self.control_merge(control, control_prev, output_dtype=x_noisy.dtype)
+
+
+def warn_if_guided(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper of a model with a Task-Plugin applied: Diff-Plugin samples without guidance.
+    A stateless check of the guider's cfg, once per sampling run."""
+    guider = executor.class_obj
+    cfgs = [getattr(guider, name) for name in ("cfg", "cfg1", "cfg2") if isinstance(getattr(guider, name, None), (int, float))]
+    off = [c for c in cfgs if abs(float(c) - 1.0) > 1e-6]
+    if off:
+        log.warning(
+            "PlugKitApplyTaskPlugin: this model carries a Diff-Plugin Task-Plugin and is sampled with cfg %s. "
+            "Task-Plugins are sampled without guidance: set cfg to 1.0 in the sampler (KSampler's default 8.0 "
+            "washes the result out and mixes in the 'negative' conditioning, which has no plugin). For the exact "
+            "official sampler use Run Diff-Plugin Chain, or SamplerCustom with the Diff-Plugin sampler and sigmas.",
+            ", ".join(f"{float(c):g}" for c in off))
+    return executor(*args, **kwargs)
+
+
+def skip_residual_patch(residuals):
+    """The training-side U-Net patch (an ``output_block_patch``): the SCB residuals added, out of place, to
+    the skips that output_blocks 9, 10, 11 consume, i.e. diffusers' down_block_additional_residuals[0:3]."""
+    def add_residual(h, hsp, transformer_options):
+        index = transformer_options["block"][1]
+        if index >= SD1_SKIPS - len(residuals):
+            hsp = hsp + residuals[SD1_SKIPS - 1 - index].to(hsp.dtype)
+        return h, hsp
+
+    return add_residual
 
 
 def check_sd1_model(model, node: str, scb_channels: int) -> None:
