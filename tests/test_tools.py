@@ -120,7 +120,7 @@ def test_workflow_is_a_users_template(path):
     from PIL import Image
 
     from tools.fixtures.models import CHECKPOINT_NAME
-    from tools.workflows.diff_plugin import CLIP_VISION_NAME
+    from tools.fixtures.diff_plugin_models import CLIP_VISION_NAME
     from tools.workflows.freeu import SDXL_CHECKPOINT
 
     ui = json.loads(path.read_text())

@@ -1,17 +1,19 @@
 """Diff-Plugin test helpers (imported by the tests): released-layout plugin folders with random weights."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
-# The SCB config.json as released: one copy, shared with the workflow model generator.
-from tools.workflows.diff_plugin import RELEASED_SCB_CONFIG  # noqa: E402,F401
+# The SCB config.json as released and the one writer of the released layout (the fixtures').
+from tools.fixtures.diff_plugin_models import RELEASED_SCB_CONFIG  # noqa: F401 (the tests import it from here)
+from tools.fixtures.diff_plugin_models import write_released_plugin as write_released_layout
 
 
 def random_state(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Dense random weights: every entry random (unlike tools.fixtures.models.random_init's plausible
+    model, whose norms are 1 and biases 0), for parity and file-format tests."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for k, v in module.state_dict().items():
@@ -22,20 +24,14 @@ def random_state(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
 
 def write_released_plugin(root: Path, task: str, seed: int = 0, module_prefix: bool = False,
                           config: dict | None = None) -> tuple[Path, dict, dict]:
-    """<root>/<task>/scb/{config.json, diffusion_pytorch_model.bin} + <root>/<task>/tpb.pt, as released."""
+    """<root>/<task>/ in the released layout with dense random weights (every weight, norms and biases
+    too, so a key or mapping error shows); returns (folder, scb state, tpb state)."""
     from plugkit.nodes.diff_plugin.task_plugin import SpatialComplementBranch, TaskPromptBranch
 
-    folder = root / task
-    (folder / "scb").mkdir(parents=True, exist_ok=True)
-    (folder / "scb" / "config.json").write_text(json.dumps(config or RELEASED_SCB_CONFIG, indent=2))
     scb = random_state(SpatialComplementBranch(), seed)
-    torch.save(scb, folder / "scb" / "diffusion_pytorch_model.bin")
     tpb = random_state(TaskPromptBranch(), seed + 1)
-    saved = {("module." + k if module_prefix else k): v for k, v in tpb.items()}
-    torch.save({"model": saved}, folder / "tpb.pt")
+    folder = write_released_layout(root / task, scb, tpb, config=config, module_prefix=module_prefix)
     return folder, scb, tpb
-
-
 
 
 def encode_pairs(model, clip_vision, vae, crops):

@@ -146,7 +146,7 @@ def test_train_from_the_command_line(comfy, sd15_checkpoint, tmp_path):
     """One training step of the full-size random SD1.5 with the random CLIP ViT-L/14 files, at 64 px."""
     from plugkit.nodes.diff_plugin import plugin_files as pf
     from tools.fixtures.model_files import prepare_model_files
-    from tools.workflows.diff_plugin import CLIP_VISION_NAME
+    from tools.fixtures.diff_plugin_models import CLIP_VISION_NAME
 
     clip_vision = prepare_model_files()[f"clip_vision/{CLIP_VISION_NAME}"]
     data = tmp_path / "pairs"

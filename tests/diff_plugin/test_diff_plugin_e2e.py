@@ -1,5 +1,5 @@
 """Diff-Plugin on the real ComfyUI server (the shared e2e server, with random-weight models in the
-released layout from tools.workflows.diff_plugin.prepare_models). The shipped workflows themselves
+released layout from tools.fixtures.diff_plugin_models.prepare_models). The shipped workflows themselves
 run in tests/e2e with every other workflow; here: the server finds the released layout."""
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_training_node_reports_live_loss_over_the_websocket(server, tmp_path):
     from test_diff_plugin_training import write_pairs
     from tools.fixtures.models import CHECKPOINT_NAME
     from tools.workflows.builder import Workflow
-    from tools.workflows.diff_plugin import CLIP_VISION_NAME
+    from tools.fixtures.diff_plugin_models import CLIP_VISION_NAME
 
     data = write_pairs(tmp_path / "pairs", size=64)
     name = f"e2e_train_{uuid.uuid4().hex[:8]}"

@@ -68,7 +68,7 @@ def test_outputs_report_and_uncertainty(seg_env, trained, segmented):
 def segmenter_dir(tmp_path, monkeypatch, comfy):
     import folder_paths
 
-    from plugkit.nodes.segmentation.nodes import FOLDER, segmenter_folders
+    from plugkit.nodes.segmentation.model_folders import FOLDER, segmenter_folders
 
     segmenter_folders()
     paths, exts = folder_paths.folder_names_and_paths[FOLDER]
@@ -78,7 +78,8 @@ def segmenter_dir(tmp_path, monkeypatch, comfy):
 
 def test_save_load_segment_equals_in_memory(seg_env, trained, segmented, segmenter_dir):
     """Bitwise equal outputs. Checked once that it can fail: an unseeded feature noise fails it."""
-    from plugkit.nodes.segmentation.nodes import PlugKitLoadSegmenter, PlugKitSaveSegmenter, list_segmenters
+    from plugkit.nodes.segmentation.model_folders import list_segmenters
+    from plugkit.nodes.segmentation.nodes import PlugKitLoadSegmenter, PlugKitSaveSegmenter
 
     (path,) = PlugKitSaveSegmenter.execute(segmenter=trained[0], name="sub/test_seg").result
     assert path == str((segmenter_dir / "sub" / "test_seg.safetensors").resolve())
