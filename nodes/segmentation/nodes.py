@@ -167,4 +167,5 @@ class PlugKitLoadSegmenter(io.ComfyNode):
     def execute(cls, segmenter_name) -> io.NodeOutput:
         return io.NodeOutput(model_folders.load_segmenter(str(segmenter_name), "PlugKitLoadSegmenter"))
 
+
 NODES = [PlugKitFeatureSegmenterTrain, PlugKitFeatureSegment, PlugKitSaveSegmenter, PlugKitLoadSegmenter]

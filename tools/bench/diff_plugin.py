@@ -22,7 +22,7 @@ def _released_plugin_folder(root: Path) -> Path:
     import json
 
     from plugkit.nodes.diff_plugin.task_plugin import SpatialComplementBranch, TaskPromptBranch
-    from tools.workflows.diff_plugin import RELEASED_SCB_CONFIG
+    from tools.fixtures.diff_plugin_models import RELEASED_SCB_CONFIG
 
     folder = root / "derain"
     (folder / "scb").mkdir(parents=True)

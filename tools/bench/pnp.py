@@ -22,7 +22,6 @@ import gc
 import logging
 import os
 import time
-from pathlib import Path
 
 import torch
 

@@ -6,7 +6,6 @@ families, and its help page. A test checks the README is current, so the referen
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from tools.harness.host import REPO, setup_in_process
 

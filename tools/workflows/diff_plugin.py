@@ -1,4 +1,5 @@
-"""Writes the Diff-Plugin workflows, their input images, and random-weight test models.
+"""Writes the Diff-Plugin workflows and their input images (the random-weight models they name are
+test fixtures: tools/fixtures/diff_plugin_models.py).
 
 ``python -m tools.workflows diff_plugin``. Writes
 - ``workflows/input/diffplugin_rain.png`` and ``diffplugin_rain_haze.png``: small degraded pictures
@@ -10,22 +11,15 @@
   PlugKitRunPluginChain (the same plugin, official sampler: exactly the official inference) -> SaveImage;
 - ``workflows/diff_plugin_selector.json``: three loaders (derain, desnow, dehaze) ->
   PlugKitPluginSelector (instruction) -> PlugKitRunPluginChain -> SaveImage.
-
-``prepare_models(directory)`` generates the models these workflows need, with random weights, so the
-end-to-end server can run them without downloads: a CLIP ViT-L/14 vision checkpoint that core
-CLIPVisionLoader accepts, Task-Plugins in the exact released layout and a Plugin-Selector. It returns
-``{path relative to models/: file or folder}`` for ``ComfyServer(model_files=...)``.
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
-from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from tools.harness.host import REPO, cache_dir
+from tools.fixtures.diff_plugin_models import CLIP_VISION_NAME, SELECTOR, TASKS
+from tools.harness.host import REPO
 
 log = logging.getLogger("plugkit.workflows.diff_plugin")
 
@@ -34,27 +28,8 @@ RAIN = "diffplugin_rain.png"
 RAIN_HAZE = "diffplugin_rain_haze.png"
 DERAIN_WORKFLOW = "diff_plugin_derain.json"
 SELECTOR_WORKFLOW = "diff_plugin_selector.json"
-# The file name users have for CLIP ViT-L/14 vision (openai/clip-vit-large-patch14's model.safetensors,
-# as ComfyUI-Manager saves it into models/clip_vision/); the random stand-in is linked under it.
-CLIP_VISION_NAME = "clip-vit-large-patch14.safetensors"
-RANDOM_CLIP_VISION_FILE = "plugkit_random_clip_vit_l14.safetensors"  # cache file name only
-TASKS = ("derain", "desnow", "dehaze")
-SELECTOR = "plugin_selector/PromptTunner.pt"
 STEPS = 20  # the official inference steps (UniPC); tests and the demo shorten the run on a CPU
 CHAIN_STEPS = 20  # the chain's first plugin (official 20; each later one 3)
-MODELS_VERSION = "1"
-
-# The released SCB config (pre-trained/derain/scb/config.json, diffusers 0.17.1).
-RELEASED_SCB_CONFIG = {
-    "_class_name": "SCBNet", "_diffusers_version": "0.17.1", "act_fn": "silu", "attention_head_dim": 8,
-    "block_out_channels": [320], "class_embed_type": None, "conditioning_embedding_out_channels": [16, 32, 96, 256],
-    "controlnet_conditioning_channel_order": "rgb", "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D"], "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0,
-    "global_pool_conditions": False, "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05, "norm_num_groups": 32, "num_class_embeds": None, "only_cross_attention": False,
-    "projection_class_embeddings_input_dim": None, "resnet_time_scale_shift": "default", "upcast_attention": False,
-    "use_linear_projection": False,
-}
 
 
 # --- images ---------------------------------------------------------------------------------------
@@ -97,138 +72,6 @@ def write_images() -> None:
     inputs.mkdir(parents=True, exist_ok=True)
     add_rain(clean_image()).save(inputs / RAIN, optimize=True)
     add_haze(add_rain(clean_image(), seed=1)).save(inputs / RAIN_HAZE, optimize=True)
-
-
-# --- random-weight models -------------------------------------------------------------------------
-
-def _pack_module(name: str):
-    """One of the pack's comfy-free Diff-Plugin modules, loaded by path (``nodes`` may be ComfyUI's here)."""
-    import importlib.util
-    import sys
-
-    key = f"_plugkit_diff_plugin_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, REPO / "nodes" / "diff_plugin" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
-
-def _random_state(module, seed: int, scale: float = 1.0, output_scale: float | None = None):
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in module.state_dict().items():
-        if v.ndim > 1:
-            t = torch.randn(v.shape, generator=gen) * (scale / math.sqrt(v[0].numel()))
-        elif k.endswith("weight") and ("norm" in k or "visual_projection.1" in k or "visual_projection.4" in k):
-            t = torch.ones(v.shape)
-        else:
-            t = torch.zeros(v.shape)
-        if output_scale is not None and k.startswith("controlnet_down_blocks"):
-            t = t * output_scale
-        out[k] = t.contiguous()
-    return out
-
-
-def write_released_plugin(folder: Path, seed: int) -> Path:
-    """A Task-Plugin folder in the exact released layout (scb/config.json, scb/diffusion_pytorch_model.bin,
-    tpb.pt = {'model': state_dict}), random weights."""
-    import torch
-
-    task_plugin = _pack_module("task_plugin")
-    SpatialComplementBranch, TaskPromptBranch = task_plugin.SpatialComplementBranch, task_plugin.TaskPromptBranch
-
-    (folder / "scb").mkdir(parents=True, exist_ok=True)
-    (folder / "scb" / "config.json").write_text(json.dumps(RELEASED_SCB_CONFIG, indent=2))
-    torch.save(_random_state(SpatialComplementBranch(), seed, output_scale=0.05),
-               folder / "scb" / "diffusion_pytorch_model.bin")
-    torch.save({"model": _random_state(TaskPromptBranch(), seed + 1)}, folder / "tpb.pt")
-    return folder
-
-
-def write_selector(path: Path, seed: int) -> Path:
-    import torch
-
-    PromptTuner = _pack_module("plugin_selector").PromptTuner
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = _random_state(PromptTuner(), seed)
-    state["logit_scale"] = torch.tensor(math.log(1 / 0.07))
-    torch.save({"model": state}, path)
-    return path
-
-
-def write_clip_vision(path: Path, seed: int = 77) -> Path:
-    """Random CLIP ViT-L/14 vision weights in the transformers key layout (fp16), as core
-    CLIPVisionLoader reads them (clip_vision_config_vitl.json is picked from the key set)."""
-    import torch
-    import safetensors.torch
-
-    hidden, inter, layers, patch, positions = 1024, 4096, 24, 14, 257
-    gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, std=None):
-        std = std if std is not None else 1.0 / math.sqrt(shape[-1] if len(shape) > 1 else 1)
-        return (torch.randn(*shape, generator=gen) * std).half()
-
-    sd = {
-        "vision_model.embeddings.class_embedding": rnd(hidden, std=0.02),
-        "vision_model.embeddings.patch_embedding.weight": rnd(hidden, 3, patch, patch, std=1.0 / math.sqrt(3 * patch * patch)),
-        "vision_model.embeddings.position_embedding.weight": rnd(positions, hidden, std=0.02),
-        "vision_model.pre_layrnorm.weight": torch.ones(hidden).half(),
-        "vision_model.pre_layrnorm.bias": torch.zeros(hidden).half(),
-        "vision_model.post_layernorm.weight": torch.ones(hidden).half(),
-        "vision_model.post_layernorm.bias": torch.zeros(hidden).half(),
-        "visual_projection.weight": rnd(768, hidden),
-    }
-    for i in range(layers):
-        p = f"vision_model.encoder.layers.{i}."
-        for n in ("layer_norm1", "layer_norm2"):
-            sd[p + n + ".weight"] = torch.ones(hidden).half()
-            sd[p + n + ".bias"] = torch.zeros(hidden).half()
-        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            sd[p + f"self_attn.{n}.weight"] = rnd(hidden, hidden, std=0.5 / math.sqrt(hidden))
-            sd[p + f"self_attn.{n}.bias"] = torch.zeros(hidden).half()
-        sd[p + "mlp.fc1.weight"] = rnd(inter, hidden, std=0.5 / math.sqrt(hidden))
-        sd[p + "mlp.fc1.bias"] = torch.zeros(inter).half()
-        sd[p + "mlp.fc2.weight"] = rnd(hidden, inter, std=0.5 / math.sqrt(inter))
-        sd[p + "mlp.fc2.bias"] = torch.zeros(hidden).half()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
-    tmp.replace(path)
-    return path
-
-
-def prepare_models(directory: Path | None = None) -> dict[str, Path]:
-    """Generate (once; cached by version) the random-weight models the Diff-Plugin workflows need.
-
-    Returns ``{path under models/: file or folder}``, e.g. ``{"clip_vision/<name>": file,
-    "diff_plugin/derain": folder, ..., "diff_plugin/plugin_selector": folder}``; pass it as
-    ``ComfyServer(model_files=...)``."""
-    directory = Path(directory or cache_dir() / "models" / "diff_plugin_random")
-    stamp = directory / ".version"
-    clip = directory / "clip_vision" / RANDOM_CLIP_VISION_FILE
-    plugins = {task: directory / "diff_plugin" / task for task in TASKS}
-    selector = directory / "diff_plugin" / SELECTOR
-    ready = stamp.is_file() and stamp.read_text() == MODELS_VERSION and clip.is_file() and selector.is_file() \
-        and all((p / "tpb.pt").is_file() for p in plugins.values())
-    if not ready:
-        directory.mkdir(parents=True, exist_ok=True)
-        log.info("Diff-Plugin: generating random-weight test models in %s", directory)
-        if not clip.is_file():
-            write_clip_vision(clip)
-        for i, (task, folder) in enumerate(plugins.items()):
-            write_released_plugin(folder, seed=100 + 10 * i)
-        write_selector(selector, seed=7)
-        stamp.write_text(MODELS_VERSION)
-    files = {f"clip_vision/{CLIP_VISION_NAME}": clip}
-    files.update({f"diff_plugin/{task}": folder for task, folder in plugins.items()})
-    files["diff_plugin/plugin_selector"] = selector.parent
-    return files
 
 
 # --- workflows ------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ The workflow builder needs the server's /object_info, so this starts the real se
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
