@@ -16,7 +16,7 @@ def _sample(model, env, latent=None, positive=None, negative=None, cfg=3.0, samp
 
 
 def _inject(model, env, features=0.8, attention=0.5, **kw):
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInject
 
     return PlugKitPnPInject.execute(model=model, pnp_source=env["source"], feature_injection=features,
                                     attention_injection=attention, **kw).result[0]
@@ -44,7 +44,7 @@ def test_invert_outputs_trajectory_latent_and_source_inputs(pnp_env):
 
 
 def test_reconstruction_error_decreases_with_inversion_steps(pnp_env):
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInvert
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInvert
 
     env = pnp_env
     errors = []
@@ -59,7 +59,7 @@ def test_reconstruction_error_decreases_with_inversion_steps(pnp_env):
 
 
 def test_invert_works_for_v_prediction_through_model_sampling(pnp_env, comfy_nodes):
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInvert
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInvert
 
     env = pnp_env
     vmodel = comfy_nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]().patch(env["model"], "v_prediction", False)[0]
@@ -244,7 +244,7 @@ def test_sigmas_input_makes_any_schedule_exact(pnp_env):
     """Invert on the sampler's own SIGMAS: a karras run equals the run inverted with scheduler karras."""
     import comfy.samplers
 
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInvert
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInvert
 
     env = pnp_env
     ms = env["model"].get_model_object("model_sampling")
@@ -345,7 +345,7 @@ def _per_row_source(source, b):
 def test_a_batch_on_one_source_runs_one_source_row(pnp_env, b):
     """Batch B on one shared source: 2B+1 rows per windowed U-Net call (not 3B), and the same result
     as B per-row source copies within 1e-5. Fails with the old ``rows = arange(chunk)`` (3B rows)."""
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInject
 
     env = pnp_env
     lat = env["inverted"]["samples"].repeat(b, 1, 1, 1)
@@ -383,7 +383,7 @@ def test_cooperates_with_core_freeu(pnp_env, comfy_nodes):
 
 def test_nothing_persists_between_runs_or_graphs(pnp_env):
     from plugkit.nodes.pnp import injection as inj
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInvert
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInvert
 
     env = pnp_env
     model = env["model"]
@@ -432,7 +432,7 @@ def test_interrupted_run_leaves_nothing_behind(pnp_env):
 # ---- errors ----------------------------------------------------------------------------------
 
 def test_error_for_a_non_unet_model(pnp_env):
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject, PlugKitPnPInvert
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInject, PlugKitPnPInvert
 
     fake = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="PlugKitPnPInject.*U-Net"):
@@ -474,7 +474,7 @@ def test_error_cases_of_inject_inputs(pnp_env):
     with pytest.raises(ValueError, match="feature_injection"):
         _inject(env["model"], env, features=1.5)
     with pytest.raises(TypeError, match="pnp_source"):
-        from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject
+        from plugkit.nodes.pnp.nodes import PlugKitPnPInject
         PlugKitPnPInject.execute(model=env["model"], pnp_source="nope")
 
 
@@ -503,7 +503,7 @@ def test_custom_blocks_inject_where_asked(pnp_env):
 # ---- feature map -----------------------------------------------------------------------------
 
 def test_feature_map_images(pnp_env):
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitFeatureMap
+    from plugkit.nodes.pnp.nodes import PlugKitFeatureMap
 
     env = pnp_env
     out = PlugKitFeatureMap.execute(model=env["model"], pnp_source=env["source"], block=-1, step=0, kind="features")
@@ -534,7 +534,7 @@ def sdxl_conditioning(seed: int):
 def test_sdxl_uses_its_block_mapping_and_adm_input(tiny_sdxl, pnp_env):
     from tools.models import sample
 
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject, PlugKitPnPInvert
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInject, PlugKitPnPInvert
 
     lat = pnp_env["latent"]
     src, inv = PlugKitPnPInvert.execute(model=tiny_sdxl, samples={"samples": lat}, conditioning=sdxl_conditioning(1),
@@ -579,7 +579,7 @@ def test_long_target_prompt_and_control_padding(pnp_env):
 
 def test_invert_and_feature_map_ignore_injection_on_their_model(pnp_env):
     """An injected model given to Invert inverts like the plain one (its schedule check is for sampling)."""
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitFeatureMap, PlugKitPnPInvert
+    from plugkit.nodes.pnp.nodes import PlugKitFeatureMap, PlugKitPnPInvert
 
     env = pnp_env
     pm = _inject(env["model"], env)
@@ -653,7 +653,7 @@ def test_source_cache_equals_in_batch_and_skips_the_source_branch(pnp_env, mode,
     equality (max diff > 1e-2)."""
     import logging
 
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInject
 
     env = pnp_env
     src = dataclasses.replace(env["source"])  # its own, empty cache
@@ -701,7 +701,7 @@ def test_source_cache_equals_in_batch_and_skips_the_source_branch(pnp_env, mode,
 def test_source_cache_is_invalidated_by_model_prompt_and_schedule(pnp_env, comfy_nodes):
     from tools.models import random_conditioning
 
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject, PlugKitPnPInvert
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInject, PlugKitPnPInvert
 
     env = pnp_env
     src = dataclasses.replace(env["source"])

@@ -450,3 +450,5 @@ class PlugKitFeatureMap(io.ComfyNode):
             images.append(upscale_nearest(img, max(1, factor_src // img.shape[1])))
         image = torch.stack(images)
         return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))
+
+NODES = [PlugKitPnPInvert, PlugKitPnPInject, PlugKitFeatureMap]
