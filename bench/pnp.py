@@ -210,7 +210,7 @@ def _reconstruction(ctx, model, latent, empty, invert, source) -> list:
     from tools.models import sample
 
     from plugkit.nodes.pnp.ddim_inversion import SourceTrajectory, ddim_invert, subdivide_schedule
-    from plugkit.nodes.pnp.nodes import input_scale, timestep_warp
+    from plugkit.nodes.pnp.schedule import input_scale, timestep_warp
 
     recon = []
     for inv_steps in INVERSION_STEPS:

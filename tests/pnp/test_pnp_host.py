@@ -326,7 +326,7 @@ def test_intermediate_sigmas_are_interpolated_with_a_warning(pnp_env, caplog):
 
     ms = env["model"].get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", env["steps"])
-    with caplog.at_level("WARNING", logger="plugkit.nodes.pnp.injection"):
+    with caplog.at_level("WARNING", logger="plugkit.nodes.pnp.hooks"):
         out = _sample_custom(_inject(env["model"], env), env, sigmas, sampler="dpm_2")  # midpoint evaluations
     assert torch.isfinite(out).all()
     assert any("between the inversion's sigmas" in r.getMessage() for r in caplog.records)
@@ -382,7 +382,7 @@ def test_cooperates_with_core_freeu(pnp_env, comfy_nodes):
 # ---- isolation -------------------------------------------------------------------------------
 
 def test_nothing_persists_between_runs_or_graphs(pnp_env):
-    from plugkit.nodes.pnp import injection as inj
+    from plugkit.nodes.pnp import hooks
     from plugkit.nodes.pnp.nodes import PlugKitPnPInvert
 
     env = pnp_env
@@ -399,15 +399,15 @@ def test_nothing_persists_between_runs_or_graphs(pnp_env):
     assert (first - other).abs().max() > 1e-3
     assert torch.equal(_sample(model, env), plain_before)
     # the incoming model was never touched
-    assert not model.object_patches and not inj.has_pnp(model)
-    assert inj.RUN_KEY not in a.model_options.get("transformer_options", {})
-    assert inj.current_call() is None
+    assert not model.object_patches and not hooks.has_pnp(model)
+    assert hooks.RUN_KEY not in a.model_options.get("transformer_options", {})
+    assert hooks._CALL.get() is None
 
 
 def test_interrupted_run_leaves_nothing_behind(pnp_env):
     import comfy.sample
 
-    from plugkit.nodes.pnp import injection as inj
+    from plugkit.nodes.pnp import hooks
 
     env = pnp_env
     pm = _inject(env["model"], env)
@@ -424,8 +424,8 @@ def test_interrupted_run_leaves_nothing_behind(pnp_env):
     with pytest.raises(Stop):
         comfy.sample.sample(pm, torch.zeros_like(lat), env["steps"], 3.0, "ddim", "ddim_uniform", env["target_cond"],
                             env["negative"], lat, disable_noise=True, callback=callback, disable_pbar=True, seed=0)
-    assert inj.current_call() is None
-    assert inj.RUN_KEY not in pm.model_options.get("transformer_options", {})
+    assert hooks._CALL.get() is None
+    assert hooks.RUN_KEY not in pm.model_options.get("transformer_options", {})
     assert torch.equal(_sample(pm, env), reference)
 
 
@@ -467,7 +467,7 @@ def test_error_cases_of_inject_inputs(pnp_env):
         _inject(pm, env)
     with pytest.raises(ValueError, match="feature_blocks"):
         _inject(env["model"], env, feature_blocks="4x")
-    with pytest.raises(ValueError, match="decoder block 12 does not exist"):
+    with pytest.raises(ValueError, match="PlugKitPnPInject: input 'attention_blocks' names decoder block 12, which does not exist; use 0-11"):
         _inject(env["model"], env, attention_blocks="4-12")
     with pytest.raises(ValueError, match="no self-attention"):
         _inject(env["model"], env, attention_blocks="1")
@@ -479,17 +479,17 @@ def test_error_cases_of_inject_inputs(pnp_env):
 
 
 def test_family_defaults_and_block_parsing():
-    from plugkit.nodes.pnp import injection as inj
+    from plugkit.nodes.pnp import blocks
 
     sd15 = types.SimpleNamespace(output_blocks=[None] * 12)
     sdxl = types.SimpleNamespace(output_blocks=[None] * 9)
-    assert inj.family_defaults(sd15, "N")["features"] == (4,)
-    assert inj.family_defaults(sd15, "N")["attention"] == tuple(range(4, 12))
-    assert inj.family_defaults(sdxl, "N") == {"name": "SDXL", "features": (1,), "attention": (1, 2, 3, 4, 5)}
-    assert inj.parse_blocks("output.4, 6-7", 12, "N", "x") == (4, 6, 7)
-    assert inj.parse_blocks("none", 12, "N", "x") == ()
+    assert blocks.family_defaults(sd15, "N")["features"] == (4,)
+    assert blocks.family_defaults(sd15, "N")["attention"] == tuple(range(4, 12))
+    assert blocks.family_defaults(sdxl, "N") == {"name": "SDXL", "features": (1,), "attention": (1, 2, 3, 4, 5)}
+    assert blocks.parse_blocks("output.4, 6-7", 12, "N", "x") == (4, 6, 7)
+    assert blocks.parse_blocks("none", 12, "N", "x") == ()
     with pytest.raises(ValueError):
-        inj.family_defaults(types.SimpleNamespace(output_blocks=[None] * 5), "N")
+        blocks.family_defaults(types.SimpleNamespace(output_blocks=[None] * 5), "N")
 
 
 def test_custom_blocks_inject_where_asked(pnp_env):
@@ -564,7 +564,7 @@ def test_sdxl_uses_its_block_mapping_and_adm_input(tiny_sdxl, pnp_env):
 def test_long_target_prompt_and_control_padding(pnp_env):
     from tools.models import random_conditioning
 
-    from plugkit.nodes.pnp import injection as inj
+    from plugkit.nodes.pnp import hooks
 
     env = pnp_env
     long_prompt = random_conditioning(tokens=154, seed=5)
@@ -572,7 +572,7 @@ def test_long_target_prompt_and_control_padding(pnp_env):
     plain = _sample(env["model"], env, positive=long_prompt)
     assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-3
     ctrl = {"output": [torch.ones(2, 3, 4, 4), None], "middle": [torch.ones(2, 3, 2, 2)], "other": 7}
-    padded = inj._pad_control(ctrl, 1)
+    padded = hooks._pad_control(ctrl, 1)
     assert padded["output"][0].shape == (3, 3, 4, 4) and float(padded["output"][0][2].abs().sum()) == 0.0
     assert padded["output"][1] is None and padded["other"] == 7 and ctrl["output"][0].shape[0] == 2
 
@@ -663,7 +663,7 @@ def test_source_cache_equals_in_batch_and_skips_the_source_branch(pnp_env, mode,
     assert sizes == [3, 3, 3, 3, 2] and not src.cache.steps  # in-batch keeps nothing
     pm = PlugKitPnPInject.execute(model=base, pnp_source=src, source_mode=mode).result[0]
     sizes.clear()
-    with caplog.at_level(logging.INFO, logger="plugkit.nodes.pnp.injection"):
+    with caplog.at_level(logging.INFO, logger="plugkit.nodes.pnp.hooks"):
         first = _sample(pm, env)
     assert sizes == [3, 3, 3, 3, 2]  # fills the cache in-batch
     assert (first - ref).abs().max() <= 1e-5

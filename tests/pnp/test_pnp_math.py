@@ -9,11 +9,9 @@ from bench.live_tensors import LiveTensorBytes
 from plugkit.nodes.pnp.ddim_inversion import (
     SourceTrajectory,
     ddim_invert,
-    ddim_sample,
     injection_steps,
     step_index,
     subdivide_schedule,
-    substeps_for,
 )
 from plugkit.nodes.pnp.feature_pca import (
     attention_pca_image,
@@ -26,6 +24,17 @@ from plugkit.nodes.pnp.feature_pca import (
 )
 
 COARSE = torch.tensor([0.0, 0.03, 0.5, 1.6, 4.0, 14.6])
+
+
+@torch.no_grad()
+def ddim_sample(x: torch.Tensor, sigmas: torch.Tensor, denoise_fn) -> torch.Tensor:
+    """Deterministic DDIM down a descending schedule (``denoise_fn(x, sigma) -> x0 estimate``): the
+    reverse of ``ddim_invert``, for the round-trip test."""
+    sig = [float(s) for s in torch.as_tensor(sigmas).flatten()]
+    for hi, lo in zip(sig[:-1], sig[1:]):
+        eps = (x - denoise_fn(x, hi)) / hi
+        x = x + (lo - hi) * eps
+    return x
 
 
 # ---- schedules -------------------------------------------------------------------------------
@@ -52,12 +61,6 @@ def test_subdivide_rejects_bad_schedules():
         subdivide_schedule(torch.tensor([1.0, 0.5]), 2)
     with pytest.raises(ValueError):
         subdivide_schedule(COARSE, 0)
-
-
-def test_substeps_for():
-    assert substeps_for(50, 999) == 20
-    assert substeps_for(50, 10) == 1
-    assert substeps_for(10, 25) == 2
 
 
 # ---- inversion -------------------------------------------------------------------------------

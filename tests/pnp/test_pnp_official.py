@@ -160,7 +160,7 @@ def test_official_999_inverts_at_every_model_timestep(comfy, steps):
 
     from tools.models import build_model
 
-    from plugkit.nodes.pnp.nodes import inversion_schedule, timestep_warp
+    from plugkit.nodes.pnp.schedule import inversion_schedule, timestep_warp
 
     ms = build_model(seed=0).get_model_object("model_sampling")
     keep = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", steps).float()
