@@ -344,8 +344,12 @@ def test_math_modules_import_without_comfyui():
     import sys
     from pathlib import Path
 
-    code = ("from tools import host; host.register_pack(); import sys; "
+    root = Path(__file__).resolve().parents[2]
+    code = ("import importlib.util, sys; "  # the pack as package 'plugkit', as ComfyUI imports it
+            f"spec = importlib.util.spec_from_file_location('plugkit', {str(root / '__init__.py')!r}, "
+            f"submodule_search_locations=[{str(root)!r}]); "
+            "pack = importlib.util.module_from_spec(spec); sys.modules['plugkit'] = pack; spec.loader.exec_module(pack); "
             "import plugkit.nodes.pnp.ddim_inversion, plugkit.nodes.pnp.feature_pca, plugkit.nodes.pnp.pnp_source, "
             "plugkit.nodes.pnp.schedule, plugkit.nodes.pnp.source_cache; "
             "bad = [k for k in sys.modules if k.split('.')[0] in ('comfy', 'comfy_api')]; assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], check=True)
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
