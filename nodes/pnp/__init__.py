@@ -5,11 +5,6 @@
 """
 
 
-def __getattr__(name: str):
-    if name == "NODES":
-        from .nodes_pnp import PlugKitFeatureMap, PlugKitPnPInject, PlugKitPnPInvert
+from ..lazy_nodes import node_list_getattr
 
-        nodes = [PlugKitPnPInvert, PlugKitPnPInject, PlugKitFeatureMap]
-        globals()["NODES"] = nodes
-        return nodes
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = node_list_getattr(__name__)

@@ -33,14 +33,6 @@ import torch
 
 EpsFn = Callable[[torch.Tensor, float, float], torch.Tensor]
 
-
-def substeps_for(steps: int, inversion_steps: int) -> int:
-    """Inversion steps per sampling interval: ``round(inversion_steps / steps)``, at least 1."""
-    if steps < 1:
-        raise ValueError("steps must be >= 1")
-    return max(1, int(round(inversion_steps / steps)))
-
-
 OFFICIAL_INVERSION_STEPS = 999  # preprocess.py --steps default ("for the best reconstruction")
 TIMESTEP_SPAN = 999.0  # model timesteps 0..999
 
@@ -135,16 +127,6 @@ def ddim_invert(
         if callback is not None:
             callback(i + 1, n)
     return out
-
-
-@torch.no_grad()
-def ddim_sample(x: torch.Tensor, sigmas: torch.Tensor, denoise_fn: Callable[[torch.Tensor, float], torch.Tensor]) -> torch.Tensor:
-    """Deterministic DDIM down a descending schedule (``denoise_fn(x, sigma) -> x0 estimate``)."""
-    sig = [float(s) for s in torch.as_tensor(sigmas).flatten()]
-    for hi, lo in zip(sig[:-1], sig[1:]):
-        eps = (x - denoise_fn(x, hi)) / hi
-        x = x + (lo - hi) * eps
-    return x
 
 
 class SourceTrajectory:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from .ddim_inversion import SourceTrajectory
+from .source_cache import SourceCache
 
 
 def tensor_digest(h, t: torch.Tensor) -> None:
@@ -18,52 +19,6 @@ def tensor_digest(h, t: torch.Tensor) -> None:
     t = t.detach().contiguous().cpu()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
-@dataclass
-class SourceCache:
-    """The source branch's injected tensors, computed once per source, schedule, prompt and model.
-
-    ``key``: what the tensors depend on (the source's trajectory and prompt digest, the model's
-    identity and patches, the storage device); a run with another key starts a new cache (one per
-    source: memory stays bounded by one source's windows). ``steps``: for each sigma of the schedule
-    (a float), a dict ``layer -> tensor`` with ``("features", block)`` -> the block's residual
-    features (source rows, C, H, W) and ``("q", block, index)`` / ``("k", block, index)`` -> the
-    self-attention queries / keys (source rows, tokens, channels), in the model's compute dtype.
-    ``refs`` keeps the objects whose identity is in the key alive (so an id is never reused).
-    """
-
-    key: Any = None
-    refs: tuple = ()
-    on_cpu: bool = False
-    steps: dict = field(default_factory=dict)
-
-    def reset(self, key, refs: tuple = (), on_cpu: bool = False) -> bool:
-        """Use ``key``; drops the tensors when it differs from the current one. True when kept."""
-        if self.key == key and self.key is not None:
-            return True
-        self.key, self.refs, self.on_cpu, self.steps = key, tuple(refs), bool(on_cpu), {}
-        return False
-
-    def lookup(self, sigma: float, needed) -> Optional[dict]:
-        """The tensors at ``sigma`` when every layer in ``needed`` is there, else None."""
-        entry = self.steps.get(float(sigma))
-        if entry is None or any(k not in entry for k in needed):
-            return None
-        return entry
-
-    def store(self, sigma: float, record: dict) -> None:
-        """Keep ``record`` (layer -> tensor) at ``sigma`` (detached; on the CPU when ``on_cpu``)."""
-        entry = self.steps.setdefault(float(sigma), {})
-        for k, t in record.items():
-            t = t.detach()
-            entry[k] = t.to("cpu", copy=True) if self.on_cpu else t.clone()  # compact: never a view of the batch
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for e in self.steps.values() for t in e.values())
-
-    def dtypes(self) -> list:
-        return sorted({str(t.dtype).removeprefix("torch.") for e in self.steps.values() for t in e.values()})
 
 
 @dataclass

@@ -99,7 +99,7 @@ def conditioning_from_state(state: dict) -> list:
 def extract_features(model, latent: torch.Tensor, steps, blocks, conditioning, seed: int, node: str,
                      progress=None) -> tuple[torch.Tensor, tuple]:
     """(B, C, h, w) raw VAE latent -> ((B, D, h, w) features, per-block channels)."""
-    from ..pnp.nodes_pnp import run_custom_sampler
+    from ..comfy_sampling import run_custom_sampler
 
     unet = unet_of(model, node)
     n = len(unet.output_blocks)

@@ -30,7 +30,7 @@ def pnp_env(comfy):
         "negative": random_conditioning(seed=2),
         "steps": 5,
     }
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInvert
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInvert
 
     src, inv = PlugKitPnPInvert.execute(model=model, samples={"samples": latent}, conditioning=env["source_cond"],
                                         steps=5, inversion_steps=5).result

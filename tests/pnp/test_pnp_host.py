@@ -16,7 +16,7 @@ def _sample(model, env, latent=None, positive=None, negative=None, cfg=3.0, samp
 
 
 def _inject(model, env, features=0.8, attention=0.5, **kw):
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInject
 
     return PlugKitPnPInject.execute(model=model, pnp_source=env["source"], feature_injection=features,
                                     attention_injection=attention, **kw).result[0]
@@ -44,7 +44,7 @@ def test_invert_outputs_trajectory_latent_and_source_inputs(pnp_env):
 
 
 def test_reconstruction_error_decreases_with_inversion_steps(pnp_env):
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInvert
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInvert
 
     env = pnp_env
     errors = []
@@ -59,7 +59,7 @@ def test_reconstruction_error_decreases_with_inversion_steps(pnp_env):
 
 
 def test_invert_works_for_v_prediction_through_model_sampling(pnp_env, comfy_nodes):
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInvert
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInvert
 
     env = pnp_env
     vmodel = comfy_nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]().patch(env["model"], "v_prediction", False)[0]
@@ -244,7 +244,7 @@ def test_sigmas_input_makes_any_schedule_exact(pnp_env):
     """Invert on the sampler's own SIGMAS: a karras run equals the run inverted with scheduler karras."""
     import comfy.samplers
 
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInvert
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInvert
 
     env = pnp_env
     ms = env["model"].get_model_object("model_sampling")
@@ -326,7 +326,7 @@ def test_intermediate_sigmas_are_interpolated_with_a_warning(pnp_env, caplog):
 
     ms = env["model"].get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", env["steps"])
-    with caplog.at_level("WARNING", logger="plugkit.nodes.pnp.injection"):
+    with caplog.at_level("WARNING", logger="plugkit.nodes.pnp.hooks"):
         out = _sample_custom(_inject(env["model"], env), env, sigmas, sampler="dpm_2")  # midpoint evaluations
     assert torch.isfinite(out).all()
     assert any("between the inversion's sigmas" in r.getMessage() for r in caplog.records)
@@ -345,7 +345,7 @@ def _per_row_source(source, b):
 def test_a_batch_on_one_source_runs_one_source_row(pnp_env, b):
     """Batch B on one shared source: 2B+1 rows per windowed U-Net call (not 3B), and the same result
     as B per-row source copies within 1e-5. Fails with the old ``rows = arange(chunk)`` (3B rows)."""
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInject
 
     env = pnp_env
     lat = env["inverted"]["samples"].repeat(b, 1, 1, 1)
@@ -382,8 +382,8 @@ def test_cooperates_with_core_freeu(pnp_env, comfy_nodes):
 # ---- isolation -------------------------------------------------------------------------------
 
 def test_nothing_persists_between_runs_or_graphs(pnp_env):
-    from plugkit.nodes.pnp import injection as inj
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInvert
+    from plugkit.nodes.pnp import hooks
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInvert
 
     env = pnp_env
     model = env["model"]
@@ -399,15 +399,15 @@ def test_nothing_persists_between_runs_or_graphs(pnp_env):
     assert (first - other).abs().max() > 1e-3
     assert torch.equal(_sample(model, env), plain_before)
     # the incoming model was never touched
-    assert not model.object_patches and not inj.has_pnp(model)
-    assert inj.RUN_KEY not in a.model_options.get("transformer_options", {})
-    assert inj.current_call() is None
+    assert not model.object_patches and not hooks.has_pnp(model)
+    assert hooks.RUN_KEY not in a.model_options.get("transformer_options", {})
+    assert hooks._CALL.get() is None
 
 
 def test_interrupted_run_leaves_nothing_behind(pnp_env):
     import comfy.sample
 
-    from plugkit.nodes.pnp import injection as inj
+    from plugkit.nodes.pnp import hooks
 
     env = pnp_env
     pm = _inject(env["model"], env)
@@ -424,15 +424,15 @@ def test_interrupted_run_leaves_nothing_behind(pnp_env):
     with pytest.raises(Stop):
         comfy.sample.sample(pm, torch.zeros_like(lat), env["steps"], 3.0, "ddim", "ddim_uniform", env["target_cond"],
                             env["negative"], lat, disable_noise=True, callback=callback, disable_pbar=True, seed=0)
-    assert inj.current_call() is None
-    assert inj.RUN_KEY not in pm.model_options.get("transformer_options", {})
+    assert hooks._CALL.get() is None
+    assert hooks.RUN_KEY not in pm.model_options.get("transformer_options", {})
     assert torch.equal(_sample(pm, env), reference)
 
 
 # ---- errors ----------------------------------------------------------------------------------
 
 def test_error_for_a_non_unet_model(pnp_env):
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject, PlugKitPnPInvert
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInject, PlugKitPnPInvert
 
     fake = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="PlugKitPnPInject.*U-Net"):
@@ -467,29 +467,29 @@ def test_error_cases_of_inject_inputs(pnp_env):
         _inject(pm, env)
     with pytest.raises(ValueError, match="feature_blocks"):
         _inject(env["model"], env, feature_blocks="4x")
-    with pytest.raises(ValueError, match="decoder block 12 does not exist"):
+    with pytest.raises(ValueError, match="PlugKitPnPInject: input 'attention_blocks' names decoder block 12, which does not exist; use 0-11"):
         _inject(env["model"], env, attention_blocks="4-12")
     with pytest.raises(ValueError, match="no self-attention"):
         _inject(env["model"], env, attention_blocks="1")
     with pytest.raises(ValueError, match="feature_injection"):
         _inject(env["model"], env, features=1.5)
     with pytest.raises(TypeError, match="pnp_source"):
-        from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject
+        from plugkit.nodes.pnp.nodes import PlugKitPnPInject
         PlugKitPnPInject.execute(model=env["model"], pnp_source="nope")
 
 
 def test_family_defaults_and_block_parsing():
-    from plugkit.nodes.pnp import injection as inj
+    from plugkit.nodes.pnp import blocks
 
     sd15 = types.SimpleNamespace(output_blocks=[None] * 12)
     sdxl = types.SimpleNamespace(output_blocks=[None] * 9)
-    assert inj.family_defaults(sd15, "N")["features"] == (4,)
-    assert inj.family_defaults(sd15, "N")["attention"] == tuple(range(4, 12))
-    assert inj.family_defaults(sdxl, "N") == {"name": "SDXL", "features": (1,), "attention": (1, 2, 3, 4, 5)}
-    assert inj.parse_blocks("output.4, 6-7", 12, "N", "x") == (4, 6, 7)
-    assert inj.parse_blocks("none", 12, "N", "x") == ()
+    assert blocks.family_defaults(sd15, "N")["features"] == (4,)
+    assert blocks.family_defaults(sd15, "N")["attention"] == tuple(range(4, 12))
+    assert blocks.family_defaults(sdxl, "N") == {"name": "SDXL", "features": (1,), "attention": (1, 2, 3, 4, 5)}
+    assert blocks.parse_blocks("output.4, 6-7", 12, "N", "x") == (4, 6, 7)
+    assert blocks.parse_blocks("none", 12, "N", "x") == ()
     with pytest.raises(ValueError):
-        inj.family_defaults(types.SimpleNamespace(output_blocks=[None] * 5), "N")
+        blocks.family_defaults(types.SimpleNamespace(output_blocks=[None] * 5), "N")
 
 
 def test_custom_blocks_inject_where_asked(pnp_env):
@@ -503,7 +503,7 @@ def test_custom_blocks_inject_where_asked(pnp_env):
 # ---- feature map -----------------------------------------------------------------------------
 
 def test_feature_map_images(pnp_env):
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitFeatureMap
+    from plugkit.nodes.pnp.nodes import PlugKitFeatureMap
 
     env = pnp_env
     out = PlugKitFeatureMap.execute(model=env["model"], pnp_source=env["source"], block=-1, step=0, kind="features")
@@ -534,7 +534,7 @@ def sdxl_conditioning(seed: int):
 def test_sdxl_uses_its_block_mapping_and_adm_input(tiny_sdxl, pnp_env):
     from tools.fixtures.models import sample
 
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject, PlugKitPnPInvert
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInject, PlugKitPnPInvert
 
     lat = pnp_env["latent"]
     src, inv = PlugKitPnPInvert.execute(model=tiny_sdxl, samples={"samples": lat}, conditioning=sdxl_conditioning(1),
@@ -564,7 +564,7 @@ def test_sdxl_uses_its_block_mapping_and_adm_input(tiny_sdxl, pnp_env):
 def test_long_target_prompt_and_control_padding(pnp_env):
     from tools.fixtures.models import random_conditioning
 
-    from plugkit.nodes.pnp import injection as inj
+    from plugkit.nodes.pnp import hooks
 
     env = pnp_env
     long_prompt = random_conditioning(tokens=154, seed=5)
@@ -572,14 +572,14 @@ def test_long_target_prompt_and_control_padding(pnp_env):
     plain = _sample(env["model"], env, positive=long_prompt)
     assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-3
     ctrl = {"output": [torch.ones(2, 3, 4, 4), None], "middle": [torch.ones(2, 3, 2, 2)], "other": 7}
-    padded = inj._pad_control(ctrl, 1)
+    padded = hooks._pad_control(ctrl, 1)
     assert padded["output"][0].shape == (3, 3, 4, 4) and float(padded["output"][0][2].abs().sum()) == 0.0
     assert padded["output"][1] is None and padded["other"] == 7 and ctrl["output"][0].shape[0] == 2
 
 
 def test_invert_and_feature_map_ignore_injection_on_their_model(pnp_env):
     """An injected model given to Invert inverts like the plain one (its schedule check is for sampling)."""
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitFeatureMap, PlugKitPnPInvert
+    from plugkit.nodes.pnp.nodes import PlugKitFeatureMap, PlugKitPnPInvert
 
     env = pnp_env
     pm = _inject(env["model"], env)
@@ -653,7 +653,7 @@ def test_source_cache_equals_in_batch_and_skips_the_source_branch(pnp_env, mode,
     equality (max diff > 1e-2)."""
     import logging
 
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInject
 
     env = pnp_env
     src = dataclasses.replace(env["source"])  # its own, empty cache
@@ -663,7 +663,7 @@ def test_source_cache_equals_in_batch_and_skips_the_source_branch(pnp_env, mode,
     assert sizes == [3, 3, 3, 3, 2] and not src.cache.steps  # in-batch keeps nothing
     pm = PlugKitPnPInject.execute(model=base, pnp_source=src, source_mode=mode).result[0]
     sizes.clear()
-    with caplog.at_level(logging.INFO, logger="plugkit.nodes.pnp.injection"):
+    with caplog.at_level(logging.INFO, logger="plugkit.nodes.pnp.hooks"):
         first = _sample(pm, env)
     assert sizes == [3, 3, 3, 3, 2]  # fills the cache in-batch
     assert (first - ref).abs().max() <= 1e-5
@@ -701,7 +701,7 @@ def test_source_cache_equals_in_batch_and_skips_the_source_branch(pnp_env, mode,
 def test_source_cache_is_invalidated_by_model_prompt_and_schedule(pnp_env, comfy_nodes):
     from tools.fixtures.models import random_conditioning
 
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject, PlugKitPnPInvert
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInject, PlugKitPnPInvert
 
     env = pnp_env
     src = dataclasses.replace(env["source"])

@@ -9,11 +9,9 @@ from tools.bench.live_tensors import LiveTensorBytes
 from plugkit.nodes.pnp.ddim_inversion import (
     SourceTrajectory,
     ddim_invert,
-    ddim_sample,
     injection_steps,
     step_index,
     subdivide_schedule,
-    substeps_for,
 )
 from plugkit.nodes.pnp.feature_pca import (
     attention_pca_image,
@@ -26,6 +24,17 @@ from plugkit.nodes.pnp.feature_pca import (
 )
 
 COARSE = torch.tensor([0.0, 0.03, 0.5, 1.6, 4.0, 14.6])
+
+
+@torch.no_grad()
+def ddim_sample(x: torch.Tensor, sigmas: torch.Tensor, denoise_fn) -> torch.Tensor:
+    """Deterministic DDIM down a descending schedule (``denoise_fn(x, sigma) -> x0 estimate``): the
+    reverse of ``ddim_invert``, for the round-trip test."""
+    sig = [float(s) for s in torch.as_tensor(sigmas).flatten()]
+    for hi, lo in zip(sig[:-1], sig[1:]):
+        eps = (x - denoise_fn(x, hi)) / hi
+        x = x + (lo - hi) * eps
+    return x
 
 
 # ---- schedules -------------------------------------------------------------------------------
@@ -52,12 +61,6 @@ def test_subdivide_rejects_bad_schedules():
         subdivide_schedule(torch.tensor([1.0, 0.5]), 2)
     with pytest.raises(ValueError):
         subdivide_schedule(COARSE, 0)
-
-
-def test_substeps_for():
-    assert substeps_for(50, 999) == 20
-    assert substeps_for(50, 10) == 1
-    assert substeps_for(10, 25) == 2
 
 
 # ---- inversion -------------------------------------------------------------------------------
@@ -299,3 +302,54 @@ def test_extra_evaluations_of_two_stage_samplers():
     assert extra_evaluations("sample_euler", sig) is None and extra_evaluations("", sig) is None
     assert describe_sigmas(sig) == "[10, 5, 2, 1, 0] (4 steps)"
     assert describe_sigmas(torch.linspace(10, 0, 11)) == "[10, 9, 8, ..., 1, 0] (10 steps)"
+
+
+# ---- source cache, module purity -------------------------------------------------------------
+
+def test_source_cache_keeps_tensors_only_for_the_same_key_and_model():
+    """Proved to fail once (2026-12-01): without ``use``'s model-object check the cache was reused."""
+    from plugkit.nodes.pnp.source_cache import SourceCache
+
+    class Model:
+        pass
+
+    a, b = Model(), Model()
+    cache = SourceCache()
+    assert not cache.use("k", a, (), False)
+    cache.store(1.0, {("features", 4): torch.ones(1, 2)})
+    assert cache.use("k", a, (), False) and cache.lookup(1.0, [("features", 4)]) is not None
+    assert cache.lookup(1.0, [("q", ("output", 4), 0)]) is None  # a layer it does not hold
+    assert not cache.use("k", b, (), False) and not cache.steps  # same key, another model object
+    cache.store(1.0, {("features", 4): torch.ones(1, 2)})
+    assert not cache.use("k2", b, (), True) and not cache.steps and cache.on_cpu
+
+
+def test_cached_index_maps_every_batch_row_to_its_cached_source_row():
+    """Proved to fail once (2026-12-01): without the ``chunk % n_src`` check 3 rows got [0, 1, 0]."""
+    from plugkit.nodes.pnp.source_cache import cache_layers, cached_index
+
+    one, two = {"x": torch.zeros(1, 3)}, {"x": torch.zeros(2, 3)}
+    assert cached_index(one, 4, {"cond_or_uncond": [1, 0]}).tolist() == [0, 0, 0, 0]
+    assert cached_index(two, 4, {"cond_or_uncond": [1, 0]}).tolist() == [0, 1, 0, 1]
+    assert cached_index(two, 3, {}) is None  # 3 rows cannot share 2 source rows
+    feats, attn = cache_layers([4], [(4, 0), (5, 1)])
+    assert feats == (("features", 4),)
+    assert attn == (("q", ("output", 4), 0), ("k", ("output", 4), 0), ("q", ("output", 5), 1), ("k", ("output", 5), 1))
+
+
+def test_math_modules_import_without_comfyui():
+    """The pure-torch modules load in a fresh interpreter with no ComfyUI on the path (an added
+    ``import comfy`` in any of them fails this: ComfyUI is not importable there)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = ("import importlib.util, sys; "  # the pack as package 'plugkit', as ComfyUI imports it
+            f"spec = importlib.util.spec_from_file_location('plugkit', {str(root / '__init__.py')!r}, "
+            f"submodule_search_locations=[{str(root)!r}]); "
+            "pack = importlib.util.module_from_spec(spec); sys.modules['plugkit'] = pack; spec.loader.exec_module(pack); "
+            "import plugkit.nodes.pnp.ddim_inversion, plugkit.nodes.pnp.feature_pca, plugkit.nodes.pnp.pnp_source, "
+            "plugkit.nodes.pnp.schedule, plugkit.nodes.pnp.source_cache; "
+            "bad = [k for k in sys.modules if k.split('.')[0] in ('comfy', 'comfy_api')]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True)

@@ -75,7 +75,7 @@ def build_env() -> dict:
 
 
 def _ours_inverted(env, steps, inversion_prompt, source_prompt):
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInvert
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInvert
 
     key = ("ours", steps, inversion_prompt, source_prompt)
     if key not in env["cache"]:
@@ -98,7 +98,7 @@ def _official_inverted(env, steps, inversion_prompt, first_step_from_zero=False)
 def _ours(env, steps, features, attention, inversion_prompt="empty", source_prompt=None):
     from tools.fixtures.models import sample
 
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInject
 
     src, inv = _ours_inverted(env, steps, inversion_prompt, source_prompt)
     pm = PlugKitPnPInject.execute(model=env["model"], pnp_source=src, feature_injection=features,
@@ -160,7 +160,7 @@ def test_official_999_inverts_at_every_model_timestep(comfy, steps):
 
     from tools.fixtures.models import build_model
 
-    from plugkit.nodes.pnp.nodes_pnp import inversion_schedule, timestep_warp
+    from plugkit.nodes.pnp.schedule import inversion_schedule, timestep_warp
 
     ms = build_model(seed=0).get_model_object("model_sampling")
     keep = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", steps).float()

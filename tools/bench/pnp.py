@@ -72,7 +72,7 @@ def _run(ctx) -> str:
     from tools.fixtures.models import sample
 
     from plugkit.nodes.pnp.feature_pca import attention_principal_components
-    from plugkit.nodes.pnp.nodes_pnp import PlugKitPnPInject, PlugKitPnPInvert
+    from plugkit.nodes.pnp.nodes import PlugKitPnPInject, PlugKitPnPInvert
 
     model, clip, vae = ctx.sd15_full()
 
@@ -210,7 +210,7 @@ def _reconstruction(ctx, model, latent, empty, invert, source) -> list:
     from tools.fixtures.models import sample
 
     from plugkit.nodes.pnp.ddim_inversion import SourceTrajectory, ddim_invert, subdivide_schedule
-    from plugkit.nodes.pnp.nodes_pnp import input_scale, timestep_warp
+    from plugkit.nodes.pnp.schedule import input_scale, timestep_warp
 
     recon = []
     for inv_steps in INVERSION_STEPS:

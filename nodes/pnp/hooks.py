@@ -4,8 +4,8 @@ How one sampling run works (see docs/pnp.md):
 
 - ``PnPSampleWrapper`` (OUTER_SAMPLE) validates the run against the source (latent size, batch,
   model family, no added noise, sigmas on the inversion's schedule) and puts a fresh ``PnPRun`` into
-  the run's own ``transformer_options``; the run's model options are restored in ``finally``, so
-  nothing survives the run.
+  the run's own ``transformer_options`` (``run_state.run_scope``); the run's model options are
+  restored afterwards, also when the run fails, so nothing survives the run.
 - ``PnPPredictNoiseWrapper`` (PREDICT_NOISE, once per model evaluation) records which step of the
   source trajectory the evaluation belongs to (absolute step: a split run counts as one run; a
   second evaluation inside a step belongs to the step it started).
@@ -19,6 +19,9 @@ How one sampling run works (see docs/pnp.md):
 - ``AttentionInjection`` (attn1 replace on the chosen decoder blocks) overwrites q and k (not v)
   of every target row with its source row, then runs ComfyUI's optimized attention (or the replace
   that was registered before it).
+
+Also here: the APPLY_MODEL wrapper that captures the source's U-Net inputs during inversion, the
+feature-map probe's patches, and ``plain_clone`` (a model without PnP's hooks, for inversion and probes).
 """
 from __future__ import annotations
 
@@ -26,26 +29,20 @@ import contextvars
 import logging
 import math
 import uuid
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 
 import comfy.ldm.modules.attention as comfy_attention
-import comfy.model_patcher
 import comfy.patcher_extension
-from comfy.ldm.modules.attention import SpatialTransformer
-from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
+from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
-from .ddim_inversion import (
-    SourceTrajectory,
-    describe_sigmas,
-    extra_evaluations,
-    injection_steps,
-    schedule_offset,
-    step_index,
-)
+from ..run_state import run_scope, run_state
+from .blocks import attention_depth
+from .ddim_inversion import SourceTrajectory, extra_evaluations, injection_steps, step_index
+from .schedule import check_schedule
+from .source_cache import cache_layers, cached_index, identity_parts
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +50,9 @@ WRAPPER_KEY = "plugkit_pnp"
 RUN_KEY = "plugkit_pnp_run"
 SOURCE_UUID = uuid.UUID("9b1c8d2e-5f1a-4c57-9a43-7f1d2a9c0e11")  # the source chunk's uuid in a batch
 
-# Family defaults (decoder = ComfyUI ``output_blocks``). SD1.x/2.x have 12 decoder blocks: the
-# official features come from block 4 (diffusers up_blocks[1].resnets[1]) and q/k from blocks 4-11.
-# SDXL has 9: the same position (second block of the first 1/4-resolution decoder level) is block
-# 1, and the decoder attention except its first block is blocks 1-5.
-FAMILY_DEFAULTS = {
-    12: {"name": "SD1.x/SD2.x", "features": (4,), "attention": tuple(range(4, 12))},
-    9: {"name": "SDXL", "features": (1,), "attention": tuple(range(1, 6))},
-}
-
+# The call in progress reaches the ResBlock object patch through a ContextVar: ResBlock.forward(x, emb)
+# gets no transformer_options, and the call (which rows are source rows) belongs to one model call,
+# not to the run (PnPRun) nor to the patch objects that clones share.
 _CALL: contextvars.ContextVar[Optional["InjectionCall"]] = contextvars.ContextVar("plugkit_pnp_call", default=None)
 
 
@@ -99,10 +90,6 @@ class InjectionCall:
         return t.index_select(0, idx)
 
 
-def current_call() -> Optional[InjectionCall]:
-    return _CALL.get()
-
-
 class call_scope:
     """``with call_scope(call): ...`` publishes ``call`` to the hooks and always withdraws it."""
 
@@ -117,82 +104,6 @@ class call_scope:
     def __exit__(self, *exc):
         _CALL.reset(self.token)
         return False
-
-
-# ---- model checks ---------------------------------------------------------------------------------
-
-def unet_of(model, node: str):
-    """The model's U-Net, or a clear error for other architectures."""
-    diffusion_model = getattr(model.model, "diffusion_model", None)
-    if not isinstance(diffusion_model, UNetModel):
-        kind = type(diffusion_model).__name__ if diffusion_model is not None else type(model.model).__name__
-        raise ValueError(
-            f"{node}: input 'model' is a {kind} model; Plug-and-Play injects into U-Net decoder "
-            f"blocks and supports SD1.x, SD2.x and SDXL U-Nets only. Connect such a checkpoint."
-        )
-    return diffusion_model
-
-
-def model_family(model) -> str:
-    """A family label (ComfyUI's model config class, e.g. SD15, SD20, SDXL)."""
-    cfg = getattr(model.model, "model_config", None)
-    return type(cfg).__name__ if cfg is not None else type(model.model).__name__
-
-
-def family_defaults(unet, node: str) -> dict:
-    n = len(unet.output_blocks)
-    if n not in FAMILY_DEFAULTS:
-        raise ValueError(
-            f"{node}: this U-Net has {n} decoder blocks; the defaults cover SD1.x/SD2.x (12) and SDXL "
-            f"(9). Set 'feature_blocks' and 'attention_blocks' explicitly."
-        )
-    return FAMILY_DEFAULTS[n]
-
-
-def parse_blocks(text: str, n_blocks: int, node: str, name: str) -> tuple[int, ...]:
-    """``"4"``, ``"4-11"``, ``"1, 3-5"`` or ``"none"`` -> sorted decoder block indices."""
-    text = (text or "").strip().lower()
-    if text in ("none", "-"):
-        return ()
-    out: set[int] = set()
-    for part in text.replace(";", ",").split(","):
-        part = part.strip().removeprefix("output.").removeprefix("output_blocks.")
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                a, b = (int(p) for p in part.split("-", 1))
-                rng = range(a, b + 1)
-            else:
-                rng = range(int(part), int(part) + 1)
-        except ValueError:
-            raise ValueError(
-                f"{node}: input '{name}' has {part!r}; write decoder block indices like '4', '4-11' or '1, 3-5'."
-            ) from None
-        for i in rng:
-            if not 0 <= i < n_blocks:
-                raise ValueError(f"{node}: input '{name}': decoder block {i} does not exist (this U-Net has 0-{n_blocks - 1}).")
-            out.add(i)
-    return tuple(sorted(out))
-
-
-def check_blocks(unet, features: tuple[int, ...], attention: tuple[int, ...], node: str) -> None:
-    for i in features:
-        if not isinstance(unet.output_blocks[i][0], ResBlock):
-            raise ValueError(f"{node}: decoder block {i} does not start with a ResBlock; pick another feature block.")
-    for i in attention:
-        if not any(isinstance(m, SpatialTransformer) for m in unet.output_blocks[i]):
-            raise ValueError(
-                f"{node}: decoder block {i} has no self-attention; pick attention blocks among "
-                f"{[j for j, b in enumerate(unet.output_blocks) if any(isinstance(m, SpatialTransformer) for m in b)]}."
-            )
-
-
-def attention_depth(unet, block: int) -> int:
-    for m in unet.output_blocks[block]:
-        if isinstance(m, SpatialTransformer):
-            return len(m.transformer_blocks)
-    return 0
 
 
 # ---- hooks ----------------------------------------------------------------------------------------
@@ -346,7 +257,6 @@ class PnPRun:
     since_callback: int = 0
     current: Optional[tuple] = None
     trajectory: Optional[SourceTrajectory] = None
-    kwargs_cache: dict = field(default_factory=dict)
     warned: set = field(default_factory=set)
     calls_injected: int = 0
     steps_injected: list = field(default_factory=list)
@@ -401,17 +311,6 @@ class PnPRun:
         return i < injection_steps(n, self.feature_share), i < injection_steps(n, self.attention_share)
 
 
-def _cached_index(entry: dict, n: int, transformer_options: dict) -> Optional[torch.Tensor]:
-    """For a cache hit: the cached source row of each of the ``n`` batch rows (as in ``_extend``),
-    or None when the cached rows do not fit this batch's chunks."""
-    n_src = next(iter(entry.values())).shape[0] if entry else 1
-    chunks = max(len(transformer_options.get("cond_or_uncond", [0])), 1)
-    chunk = n // chunks if (n // chunks) * chunks == n else n
-    if chunk % n_src != 0:
-        return None
-    return (torch.arange(n) % chunk) % n_src
-
-
 def _pad_control(control, n_extra: int):
     if control is None:
         return None
@@ -440,7 +339,7 @@ class PnPApplyModelWrapper:
         return "PnPApplyModelWrapper()"
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
-        run: Optional[PnPRun] = transformer_options.get(RUN_KEY)
+        run: Optional[PnPRun] = run_state(transformer_options, RUN_KEY)
         if run is None:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         sigma = float(t.flatten()[0])
@@ -457,7 +356,7 @@ class PnPApplyModelWrapper:
         if run.cache is not None and tuple(x.shape[1:]) == tuple(run.source.trajectory.shape[1:]):
             needed = (run.feature_keys if features else ()) + (run.attention_keys if attention else ())
             entry = run.cache.lookup(sigma, needed)
-            index = _cached_index(entry, n, transformer_options) if entry is not None else None
+            index = cached_index(entry, n, transformer_options) if entry is not None else None
             if index is not None:  # the source branch at this sigma is cached: the plain batch runs
                 run.calls_injected += 1
                 run.cache_hits += 1
@@ -575,7 +474,7 @@ class PnPPredictNoiseWrapper:
         return "PnPPredictNoiseWrapper()"
 
     def __call__(self, executor, x, timestep, model_options={}, seed=None):
-        run: Optional[PnPRun] = model_options.get("transformer_options", {}).get(RUN_KEY)
+        run: Optional[PnPRun] = run_state(model_options, RUN_KEY)
         if run is None:
             return executor(x, timestep, model_options, seed)
         run.begin_evaluation(float(timestep.flatten()[0]))
@@ -583,33 +482,6 @@ class PnPPredictNoiseWrapper:
             return executor(x, timestep, model_options, seed)
         finally:
             run.current = None
-
-
-def check_schedule(source, noise: torch.Tensor, sigmas, node: str) -> int:
-    """The run's offset on the source trajectory, or a clear error when the run leaves it."""
-    traj = source.trajectory
-    fix = (f"sample with scheduler '{source.scheduler}' and {source.steps} steps (KSamplerAdvanced: add_noise "
-           f"disable, start_at_step 0; KSampler always adds noise; dpm_2, dpm_2_ancestral, uni_pc and uni_pc_bh2 "
-           f"drop a sigma there), or connect the sampler's SIGMAS (SamplerCustom) to PlugKitPnPInvert's 'sigmas' "
-           f"input so the source is inverted on exactly them")
-    if source.scheduler == "custom SIGMAS":
-        fix = ("sample with the SIGMAS that were connected to PlugKitPnPInvert (SamplerCustom, add_noise off), or "
-               "connect the sampler's own SIGMAS there")
-    if noise is not None and torch.is_tensor(noise) and bool(torch.count_nonzero(noise)):
-        raise ValueError(
-            f"{node}: the sampler adds noise to the inverted latent (KSampler, or add_noise enabled), so the run "
-            f"leaves the source's trajectory and the injected features belong to another image. Fix: "
-            f"KSamplerAdvanced with add_noise 'disable' (SamplerCustom: add_noise off)."
-        )
-    sig = torch.as_tensor(sigmas).detach().float().cpu().flatten()
-    offset = schedule_offset(sig, traj.sigmas)
-    if offset is None:
-        raise ValueError(
-            f"{node}: the sampler's sigmas {describe_sigmas(sig)} are not on the schedule 'pnp_source' was "
-            f"inverted on ({source.scheduler}: {describe_sigmas(traj.sigmas)}); the source latents exist only at "
-            f"the inversion's sigmas. Fix: {fix}."
-        )
-    return offset
 
 
 CALLBACK_INDEX = 5  # CFGGuider.outer_sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, ...)
@@ -638,51 +510,8 @@ def _with_step_callback(run: PnPRun, args: tuple, kwargs: dict):
 SOURCE_MODES = ("in-batch", "cache", "cache on CPU")
 
 
-def _identity_parts(model_patcher, model_options: dict):
-    """(key, strong refs) of what the source branch's tensors depend on besides the source itself:
-    the base model, its weight patches (``patches_uuid``) and dtype, and every other node's object
-    patch, transformer patch, attention replace, wrapper and model function wrapper (by identity;
-    PnP's own hooks are left out, they do not change the source rows)."""
-    base = model_patcher.model
-    key = [("model", id(base)), ("weights", str(getattr(model_patcher, "patches_uuid", None))),
-           ("dtype", str(model_patcher.model_dtype()), str(getattr(base, "manual_cast_dtype", None)))]
-    refs = []
-
-    def add(kind, name, obj):
-        while isinstance(obj, AttentionInjection):
-            obj = obj.previous
-        if obj is None or isinstance(obj, (FeatureInjectionResBlock, PnPMemoryEstimate)):
-            return
-        key.append((kind, repr(name), id(obj)))
-        refs.append(obj)
-
-    for name, obj in model_patcher.object_patches.items():
-        add("object", name, obj)
-    to = model_options.get("transformer_options", {}) or {}
-    for name, lst in (to.get("patches") or {}).items():
-        for i, f in enumerate(lst):
-            add("patch", (name, i), f)
-    for name, d in (to.get("patches_replace") or {}).items():
-        for where, f in d.items():
-            add("replace", (name, where), f)
-    for wtype, d in (to.get("wrappers") or {}).items():
-        for wkey, lst in d.items():
-            if wkey != WRAPPER_KEY:
-                for i, f in enumerate(lst):
-                    add("wrapper", (wtype, wkey, i), f)
-    add("model_function_wrapper", "", model_options.get("model_function_wrapper"))
-    return tuple(sorted(key, key=repr)), refs
-
-
-def cache_layers(feature_blocks, attention_layers) -> tuple[tuple, tuple]:
-    """The cache keys a feature-window call and an attention-window call need."""
-    feats = tuple(("features", int(i)) for i in feature_blocks)
-    attn = tuple((kind, ("output", int(i)), int(j)) for i, j in attention_layers for kind in ("q", "k"))
-    return feats, attn
-
-
 class PnPSampleWrapper:
-    """OUTER_SAMPLE wrapper: validates the run and owns its state (reset in ``finally``).
+    """OUTER_SAMPLE wrapper: validates the run and owns its state (``run_scope``: gone after the run).
 
     Holds only configuration (shared by clones). With ``source_mode`` 'cache' / 'cache on CPU' the
     run uses the source's own ``SourceCache`` (kept with the PLUGKIT_PNP_SOURCE, keyed by the source's
@@ -705,14 +534,11 @@ class PnPSampleWrapper:
 
     def _cache_for(self, guider, node: str):
         mp = guider.model_patcher
-        key, refs = _identity_parts(mp, guider.model_options)
+        key, refs = identity_parts(mp, guider.model_options, WRAPPER_KEY, unwrap=(AttentionInjection,),
+                                   skip=(FeatureInjectionResBlock, PnPMemoryEstimate))
         on_cpu = self.source_mode == "cache on CPU"
-        key = (self.source.digest(), key, on_cpu)
         cache = self.source.cache
-        model_ref = weakref.ref(mp.model)
-        if cache.key == key and not (cache.refs and cache.refs[0]() is mp.model):
-            cache.reset(None)  # same ids, another model object: never reuse
-        if cache.reset(key, (model_ref, *refs), on_cpu):
+        if cache.use((self.source.digest(), key, on_cpu), mp.model, refs, on_cpu):
             log.debug("%s: source cache found (%d sigmas, %.1f MiB)", node, len(cache.steps), cache.nbytes() / 2**20)
         return cache
 
@@ -732,21 +558,16 @@ class PnPSampleWrapper:
             run.cache = self._cache_for(guider, node)
         if extra is not None:
             args, kwargs = _with_step_callback(run, args, kwargs)
-        orig_model_options = guider.model_options
-        try:
-            guider.model_options = comfy.model_patcher.create_model_options_clone(orig_model_options)
-            guider.model_options.setdefault("transformer_options", {})[RUN_KEY] = run
+        with run_scope(guider, RUN_KEY, run):
             out = executor(*args, **kwargs)
-            log.debug("%s: %d model calls injected (steps %s), %d from the source cache", node, run.calls_injected,
-                      sorted({s for s, _, _ in run.steps_injected}), run.cache_hits)
-            if run.cache is not None:
-                c = run.cache
-                log.info("%s: source cache: %d sigmas, %.1f MiB (%s) on %s; this run: %d calls from the cache, "
-                         "%d ran the source branch", node, len(c.steps), c.nbytes() / 2**20, "/".join(c.dtypes()) or "-",
-                         "the CPU" if c.on_cpu else "the model's device", run.cache_hits, run.cache_stores)
-            return out
-        finally:
-            guider.model_options = orig_model_options
+        log.debug("%s: %d model calls injected (steps %s), %d from the source cache", node, run.calls_injected,
+                  sorted({s for s, _, _ in run.steps_injected}), run.cache_hits)
+        if run.cache is not None:
+            c = run.cache
+            log.info("%s: source cache: %d sigmas, %.1f MiB (%s) on %s; this run: %d calls from the cache, "
+                     "%d ran the source branch", node, len(c.steps), c.nbytes() / 2**20, "/".join(c.dtypes()) or "-",
+                     "the CPU" if c.on_cpu else "the model's device", run.cache_hits, run.cache_stores)
+        return out
 
 
 class PnPMemoryEstimate:
@@ -830,3 +651,57 @@ def install(m, source, feature_share: float, attention_share: float,
 
 def has_pnp(m) -> bool:
     return bool(m.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY))
+
+
+PNP_WRAPPER_TYPES = (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.PREDICT_NOISE,
+                     comfy.patcher_extension.WrappersMP.APPLY_MODEL, comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING)
+CAPTURE_KEY = "plugkit_pnp_capture"
+
+
+def plain_clone(model):
+    """A clone without PlugKitPnPInject's wrappers (inversion and probes are not PnP runs)."""
+    m = model.clone()
+    for wtype in PNP_WRAPPER_TYPES:
+        m.remove_wrappers_with_key(wtype, WRAPPER_KEY)
+    remove_memory_estimate(m)
+    return m
+
+
+def capture_source_inputs(store: dict, run_model: bool = True):
+    """APPLY_MODEL wrapper storing the first call's U-Net inputs (one row per item); with
+    ``run_model=False`` the model is not evaluated (a probe that only needs the inputs)."""
+    def capture(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        if not store:
+            chunks = max(len(transformer_options.get("cond_or_uncond", [0])), 1)
+            rows = x.shape[0] // chunks
+            if torch.is_tensor(c_crossattn):
+                store["c_crossattn"] = c_crossattn[:rows].detach().float().cpu()
+            if torch.is_tensor(c_concat):
+                store["c_concat"] = c_concat[:rows].detach().float().cpu()
+            for key, value in kwargs.items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == x.shape[0]:
+                    store[key] = value[:rows].detach().cpu()
+        if not run_model:
+            return torch.zeros_like(x)
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    return capture
+
+
+def add_capture(m, store: dict, run_model: bool = True) -> None:
+    """Install ``capture_source_inputs(store, run_model)`` on clone ``m``."""
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, CAPTURE_KEY,
+                           capture_source_inputs(store, run_model))
+
+
+def install_feature_map_probe(m, block: int, kind: str) -> None:
+    """PlugKitFeatureMap's patch on clone ``m``: decoder block ``block``'s ResBlock (kind 'features')
+    or its first self-attention layer, which report to the ``observe`` of the active call."""
+    if kind == "features":
+        key = f"diffusion_model.output_blocks.{block}.0"
+        m.add_object_patch(key, FeatureInjectionResBlock(m.get_model_object(key), block))
+    else:
+        replaces = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+        previous = replaces.get(("output", block, 0), replaces.get(("output", block)))
+        if isinstance(previous, AttentionInjection):
+            previous = previous.previous
+        m.set_model_attn1_replace(AttentionInjection(previous), "output", block, 0)
