@@ -7,7 +7,7 @@ One call of ``extract_features``:
   block ``i - 1``), and an object patch on ``diffusion_model.out`` that records its input (= the
   output of the last decoder block). Both read the capture of the current call from a context
   variable, so no state lives on the patch objects;
-- runs one sampling pass through ComfyUI's own guider (PnP's ``run_custom_sampler``, reused) (model loading, patches, wrappers, the
+- runs one sampling pass through ComfyUI's own guider (``nodes/comfy_sampling.run_custom_sampler``, shared with PnP) (model loading, patches, wrappers, the
   conditioning's extra model inputs) whose "sampler" evaluates the U-Net once per image and step on
   ``x_t = noise_scaling(sigma(t), noise, latent)`` with one fixed noise shared by every image (the
   official ``share_noise``), and returns its input unchanged;

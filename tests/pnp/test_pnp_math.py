@@ -345,10 +345,7 @@ def test_math_modules_import_without_comfyui():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    code = ("import importlib.util, sys; "  # the pack as package 'plugkit', as ComfyUI imports it
-            f"spec = importlib.util.spec_from_file_location('plugkit', {str(root / '__init__.py')!r}, "
-            f"submodule_search_locations=[{str(root)!r}]); "
-            "pack = importlib.util.module_from_spec(spec); sys.modules['plugkit'] = pack; spec.loader.exec_module(pack); "
+    code = ("import sys; from tools.harness.host import register_pack; register_pack(); "  # as ComfyUI imports it
             "import plugkit.nodes.pnp.ddim_inversion, plugkit.nodes.pnp.feature_pca, plugkit.nodes.pnp.pnp_source, "
             "plugkit.nodes.pnp.schedule, plugkit.nodes.pnp.source_cache; "
             "bad = [k for k in sys.modules if k.split('.')[0] in ('comfy', 'comfy_api')]; assert not bad, bad")
