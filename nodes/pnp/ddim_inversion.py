@@ -105,12 +105,22 @@ def ddim_invert(
     eps_fn: EpsFn,
     keep: Optional[Iterable[int]] = None,
     callback: Optional[Callable[[int, int], None]] = None,
+    fixed_point_iterations: int = 0,
 ) -> dict[int, torch.Tensor]:
     """Invert ``x0`` (the latent at ``sigmas[0]``) up an ascending schedule.
 
     Returns ``{i: latent at sigmas[i]}`` for every ``i`` in ``keep`` (default: only the last).
     ``callback(step, total)`` is called after every step.
+
+    ``fixed_point_iterations`` (k): the official step evaluates eps at the lower level, while the
+    DDIM sampling step that should undo it evaluates eps at the higher level; that mismatch is why
+    the official code needs 999 small steps. Each iteration re-solves the step with eps taken at the
+    current estimate of the higher-level latent, ``x_hi <- x_lo + (hi - lo) * eps(x_hi, hi)``: the
+    fixed point is exactly the latent that one DDIM sampling step takes back to ``x_lo``. Each
+    iteration costs one model evaluation per step (``steps * (1 + k)`` in all).
     """
+    if fixed_point_iterations < 0:
+        raise ValueError("fixed_point_iterations must be >= 0")
     sig = [float(s) for s in torch.as_tensor(sigmas).flatten()]
     n = len(sig) - 1
     keep_set = set(range(n + 1)) if keep == "all" else set(keep if keep is not None else [n])
@@ -121,7 +131,10 @@ def ddim_invert(
     for i in range(n):
         lo, hi = sig[i], sig[i + 1]
         eps = eps_fn(x, lo, hi)
-        x = x + (hi - lo) * eps
+        x_hi = x + (hi - lo) * eps
+        for _ in range(fixed_point_iterations):
+            x_hi = x + (hi - lo) * eps_fn(x_hi, hi, hi)
+        x = x_hi
         if i + 1 in keep_set:
             out[i + 1] = x
         if callback is not None:

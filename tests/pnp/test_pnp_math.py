@@ -350,3 +350,47 @@ def test_math_modules_import_without_comfyui():
             "plugkit.nodes.pnp.schedule, plugkit.nodes.pnp.source_cache; "
             "bad = [k for k in sys.modules if k.split('.')[0] in ('comfy', 'comfy_api')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+
+def _nonlinear_eps(x, sigma):
+    """A smooth, nonlinear eps model (so the official step and its DDIM undo disagree)."""
+    return 0.6 * torch.tanh(1.5 * x + 0.3) / (1.0 + sigma) + 0.1 * x
+
+
+def test_fixed_point_inversion_is_undone_by_ddim_sampling():
+    """Each fixed-point iteration solves x_hi = x_lo + (hi - lo) * eps(x_hi, hi), the step DDIM sampling
+    undoes exactly: the reconstruction error falls geometrically with k, and one iteration on the
+    coarse schedule (2 evaluations per step) reconstructs better than a 20x finer plain inversion."""
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(1, 4, 8, 8, generator=g)
+    coarse = torch.tensor([0.03, 0.1, 0.3, 0.7, 1.2, 2.0])
+
+    def eps_fn(x, lo, hi):
+        return _nonlinear_eps(x, hi)  # told the higher level, as the official step
+
+    def denoise(x, s):
+        return x - s * _nonlinear_eps(x, s)
+
+    def recon_error(sigmas, k):
+        top = ddim_invert(x0, sigmas, eps_fn, fixed_point_iterations=k)[sigmas.numel() - 1]
+        back = ddim_sample(top, coarse.flip(0), denoise)
+        return float((back - x0).norm() / x0.norm())
+
+    errors = [recon_error(coarse, k) for k in range(4)]
+    assert errors[0] > 1e-2, errors  # the plain coarse inversion does not come back
+    assert all(b < 0.5 * a for a, b in zip(errors, errors[1:])), errors
+    fine, _ = subdivide_schedule(coarse, 20)
+    fine_plain = recon_error(fine, 0)
+    assert errors[1] <= 1.1 * fine_plain, (errors, fine_plain)
+    with pytest.raises(ValueError):
+        ddim_invert(x0, coarse, eps_fn, fixed_point_iterations=-1)
+
+
+def test_fixed_point_inversion_counts_evaluations():
+    calls = []
+
+    def eps_fn(x, lo, hi):
+        calls.append((lo, hi))
+        return torch.zeros_like(x)
+
+    ddim_invert(torch.zeros(1), torch.tensor([0.5, 1.0, 2.0]), eps_fn, fixed_point_iterations=2)
+    assert calls == [(0.5, 1.0), (1.0, 1.0), (1.0, 1.0), (1.0, 2.0), (2.0, 2.0), (2.0, 2.0)]
