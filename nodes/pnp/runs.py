@@ -47,9 +47,10 @@ def sampling_schedule(model, steps: int, scheduler: str, sigmas, node: str) -> t
 
 
 def invert_source(model, latent: torch.Tensor, conditioning, keep_desc: torch.Tensor, schedule_name: str,
-                  n_inv: int, source_prompt, node: str) -> tuple[PnPSource, torch.Tensor]:
-    """DDIM-invert ``latent`` on ``keep_desc`` with about ``n_inv`` model evaluations:
-    (the PnPSource, the inverted latent at the first sampling step)."""
+                  n_inv: int, source_prompt, node: str, fixed_point_iterations: int = 0) -> tuple[PnPSource, torch.Tensor]:
+    """DDIM-invert ``latent`` on ``keep_desc`` with about ``n_inv`` steps (``n_inv * (1 +
+    fixed_point_iterations)`` model evaluations): (the PnPSource, the inverted latent at the first
+    sampling step)."""
     unet = unet_of(model, node)
     ms = model.get_model_object("model_sampling")
     ascending, fine, positions = inversion_schedule(ms, keep_desc, n_inv, node)
@@ -83,7 +84,8 @@ def invert_source(model, latent: torch.Tensor, conditioning, keep_desc: torch.Te
 
         # the clean latent read as the latent at ``start`` (VP input = the clean latent itself)
         x_start = x * math.sqrt(1.0 + start * start)
-        stored.update(ddim_invert(x_start, sigmas, eps_fn, keep=positions, callback=progress))
+        stored.update(ddim_invert(x_start, sigmas, eps_fn, keep=positions, callback=progress,
+                                  fixed_point_iterations=fixed_point_iterations))
         return stored[positions[-1]]
 
     out = run_custom_sampler(m, conditioning, latent, fine, invert_fn)
@@ -100,10 +102,12 @@ def invert_source(model, latent: torch.Tensor, conditioning, keep_desc: torch.Te
         trajectory=trajectory, model_kwargs=model_kwargs, conditioning=source_conditioning,
         family=model_family(model), decoder_blocks=len(unet.output_blocks), scheduler=schedule_name,
         steps=int(keep_desc.numel() - 1), inversion_steps=int(n_fine),
-        extra={"source_prompt": prompt_kind, "inversion_start_sigma": start},
+        extra={"source_prompt": prompt_kind, "inversion_start_sigma": start,
+               "fixed_point_iterations": int(fixed_point_iterations)},
     )
     log.info("%s: inverted %s with %d model evaluations from sigma %.4g (%d stored latents, %.1f MiB); "
-             "source branch prompt: %s", node, tuple(latent.shape), n_fine, start, latents.shape[0],
+             "source branch prompt: %s", node, tuple(latent.shape), n_fine * (1 + int(fixed_point_iterations)), start,
+             latents.shape[0],
              source.nbytes() / 2**20, prompt_kind)
     return source, out
 

@@ -163,6 +163,9 @@ NODES: dict[str, dict] = {
                                         "不连接：使用反演提示词（反演提示词为空时两者相同，即官方默认）。"),
             "sigmas": ("sigmas", "可选：采样器自己的 SIGMAS（如 BasicScheduler 接到 SamplerCustom）。此时源图像精确地在这些 sigma 上反演，"
                                "忽略 steps/scheduler：任何调度器、步数或 denoise 都精确。"),
+            "fixed_point_iterations": ("不动点迭代", "更快且忠实的反演（官方代码没有此选项）：对每个反演步做这么多次细化，使一个 DDIM 采样步能把它精确地退回；"
+                                                 "每次迭代每步多一次模型评估。0 = 官方的一步。1 且 inversion_steps = steps（50 步共 100 次评估）时，"
+                                                 "源图像的重建与 'official 999' 相当或更好（测量见 docs/pnp.md）。"),
         },
         "outputs": [("PNP源", "反演得到的源轨迹及其条件，用于“Plug-and-Play 注入”和“特征图”。"),
                     ("潜空间", "第一个采样步的反演潜空间：关闭 add_noise 对它采样。")],
