@@ -15,9 +15,6 @@ On the shared 2-core CPU the module takes about 18 minutes (full-size random SD1
 """
 from __future__ import annotations
 
-import asyncio
-import json
-import time
 
 import pytest
 
@@ -89,46 +86,16 @@ def freeu_graph(info: dict, steps: int, seed: int = 42) -> tuple[dict, str]:
     return wf.to_api(), str(ks.id)
 
 
-async def _run_and_interrupt(server, prompt: dict, node: str, timeout: float) -> list[dict]:
-    """Queue ``prompt`` and POST /interrupt (for this prompt) on the first progress message of ``node``;
-    return the websocket messages until the prompt ended."""
-    import aiohttp
-
-    messages: list[dict] = []
-    ws_url = f"ws://127.0.0.1:{server.port}/ws?clientId={server.client_id}"
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(ws_url, max_msg_size=0) as ws:
-            prompt_id = await asyncio.to_thread(server.queue, prompt)
-            sent = False
-            deadline = time.monotonic() + timeout
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ServerError(f"prompt {prompt_id}: no end message within {timeout}s")
-                try:
-                    msg = await ws.receive(timeout=min(left, 5.0))
-                except asyncio.TimeoutError:
-                    server._raise_if_dead(prompt_id)
-                    continue
-                if msg.type != aiohttp.WSMsgType.TEXT:
-                    if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                        break
-                    continue
-                m = json.loads(msg.data)
-                messages.append(m)
-                data = m.get("data") or {}
-                if data.get("prompt_id") not in (None, prompt_id):
-                    continue
-                if not sent and m.get("type") == "progress" and str(data.get("node")) == node:
-                    await asyncio.to_thread(server.post, "/interrupt", {"prompt_id": prompt_id})
-                    sent = True
-                if m.get("type") in ("execution_success", "execution_error", "execution_interrupted"):
-                    break
-    return messages
-
-
 def interrupt(server, prompt: dict, node: str, timeout: float = 900) -> None:
-    messages = asyncio.run(_run_and_interrupt(server, prompt, node, timeout))
+    """Queue ``prompt`` and POST /interrupt (for this prompt) on the first progress message of ``node``."""
+    sent = []
+
+    def on_message(prompt_id: str, m: dict) -> None:
+        if not sent and m.get("type") == "progress" and str((m.get("data") or {}).get("node")) == node:
+            server.post("/interrupt", {"prompt_id": prompt_id})
+            sent.append(True)
+
+    _, messages = server.listen(prompt, timeout, on_message)
     kinds = [m.get("type") for m in messages]
     assert "execution_interrupted" in kinds, f"the run was not interrupted: {kinds}"
     ended = next(m for m in messages if m.get("type") == "execution_interrupted")

@@ -193,12 +193,18 @@ class ComfyServer:
         ended): JSON messages as sent ({"type", "data"}), binary progress text decoded as
         {"type": "progress_text", "data": {"node", "text"}}, other binary events as
         {"type": "binary", "data": {"event", "size"}}."""
-        import asyncio
-
-        prompt_id, messages = asyncio.run(self._listen(prompt, timeout))
+        prompt_id, messages = self.listen(prompt, timeout)
         return self.wait(prompt_id, timeout), messages
 
-    async def _listen(self, prompt: dict, timeout: float) -> tuple[str, list[dict]]:
+    def listen(self, prompt: dict, timeout: float = 900, on_message=None) -> tuple[str, list[dict]]:
+        """Queue ``prompt`` and collect the websocket messages until it ended: (prompt id, messages).
+        ``on_message(prompt_id, message)`` runs (in a worker thread) for every JSON message of this
+        prompt as it arrives, e.g. to POST /interrupt at a chosen point."""
+        import asyncio
+
+        return asyncio.run(self._listen(prompt, timeout, on_message))
+
+    async def _listen(self, prompt: dict, timeout: float, on_message=None) -> tuple[str, list[dict]]:
         import asyncio
 
         import aiohttp
@@ -222,6 +228,8 @@ class ComfyServer:
                         m = json.loads(msg.data)
                         messages.append(m)
                         data = m.get("data") or {}
+                        if on_message is not None and data.get("prompt_id") in (None, prompt_id):
+                            await asyncio.to_thread(on_message, prompt_id, m)
                         if data.get("prompt_id") == prompt_id and (
                                 m.get("type") in ("execution_success", "execution_error", "execution_interrupted")
                                 or (m.get("type") == "executing" and data.get("node") is None)):
