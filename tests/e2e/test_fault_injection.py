@@ -15,7 +15,6 @@ On the shared 2-core CPU the module takes about 18 minutes (full-size random SD1
 """
 from __future__ import annotations
 
-
 import pytest
 
 from tools.fixtures.models import CHECKPOINT_NAME
