@@ -830,3 +830,36 @@ def test_fixed_point_iterations_out_of_range_is_refused(pnp_env):
     with pytest.raises(ValueError, match="PlugKitPnPInvert: input 'fixed_point_iterations' is 11; use 0-10"):
         PlugKitPnPInvert.execute(model=env["model"], samples={"samples": env["latent"]}, conditioning=env["source_cond"],
                                  steps=5, fixed_point_iterations=11)
+
+
+def test_near_the_memory_limit_no_call_holds_more_rows_than_plain_sampling(pnp_env, monkeypatch):
+    """In-batch's third row costs memory only where it fits: with free memory between ComfyUI's need
+    for plain sampling's cond+uncond call (1.5x the estimate of 2 rows) and PnP's (3 rows), ComfyUI runs
+    cond and uncond apart, each with the source row: 2 rows per windowed call, plain's peak, and the
+    same result within float rounding. Fails without the memory_required patch (then one 3-row call)."""
+    import comfy.model_management
+
+    env = pnp_env
+    model = env["model"]
+    shape = list(env["inverted"]["samples"].shape)
+    estimate = type(model.model).memory_required
+    need_plain = 1.5 * estimate(model.model, [2] + shape[1:], cond_shapes={})
+    need_pnp = 1.5 * estimate(model.model, [3] + shape[1:], cond_shapes={})
+    assert need_plain < need_pnp
+    sizes = []
+    base = _counting_base(env, sizes)
+    unsplit = _sample(_inject(base, env), env)
+    assert sizes == [3, 3, 3, 3, 2]
+    sizes.clear()
+    real_free = comfy.model_management.get_free_memory
+
+    def free_memory(dev=None, torch_free_too=False):  # the batching's question; attention's as it is
+        if torch_free_too:
+            return real_free(dev, True)
+        return (need_plain + need_pnp) / 2
+
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", free_memory)
+    split = _sample(_inject(base, env), env)
+    assert sizes == [2, 2] * 4 + [1, 1], sizes  # cond and uncond apart; each windowed call adds the source row
+    scale = float(unsplit.abs().max())
+    assert (split - unsplit).abs().max() <= 1e-5 * scale
