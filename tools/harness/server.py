@@ -263,13 +263,13 @@ def decode_binary_message(data: bytes) -> dict:
     return {"type": "binary", "data": {"event": event, "size": len(data) - 4}}
 
 
-def generator_object_info(name: str, model_files: dict[str, Path] | None = None) -> dict:
-    """``/object_info`` of a server with the pack and the random SD1.5 checkpoint, for the
-    workflow generators (tools/workflows/*.py), which lay widgets out from it."""
+def generator_object_info(model_files: dict[str, Path] | None = None) -> dict:
+    """``/object_info`` of a server with the pack, the random SD1.5 checkpoint and ``model_files``,
+    for the workflow generation (``python -m tools.workflows``), which lays widgets out from it."""
     from tools.harness.host import cache_dir
     from tools.fixtures.models import CHECKPOINT_NAME, ensure_random_sd15_checkpoint
 
-    base = cache_dir() / f"workflows_{name}_base"
+    base = cache_dir() / "workflows_base"
     with ComfyServer(base, checkpoints={CHECKPOINT_NAME: ensure_random_sd15_checkpoint()},
                      model_files=model_files) as server:
         return server.object_info()

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     for module in modules:
         if hasattr(module, "write_images"):
             module.write_images()
-    info = generator_object_info("all", model_files=prepare_model_files())
+    info = generator_object_info(model_files=prepare_model_files())
     written = [wf.save(REPO / "workflows" / file) for module in modules for file, wf in module.workflows(info).items()]
     written += thumbnails.write_all()
     for path in written:

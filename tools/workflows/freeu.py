@@ -12,12 +12,8 @@ The widget layout comes from a real server's /object_info, so the files match wh
 """
 from __future__ import annotations
 
-import logging
-
 from tools.fixtures.models import CHECKPOINT_NAME
 from tools.workflows.builder import Workflow
-
-log = logging.getLogger("plugkit.workflows_freeu")
 
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 
