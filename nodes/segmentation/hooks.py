@@ -128,7 +128,8 @@ def extract_features(model, latent: torch.Tensor, steps, blocks, conditioning, s
                 cap = {"wanted": set(blocks), "out": {}}
                 token = _CAPTURE.set(cap)
                 try:
-                    model_k(x_t, sigma, **extra_args)
+                    with torch.no_grad():  # no graph outside ComfyUI's inference mode either
+                        model_k(x_t, sigma, **extra_args)
                 finally:
                     _CAPTURE.reset(token)
                 missing = [k for k in blocks if k not in cap["out"]]

@@ -245,23 +245,17 @@ def test_masks_painted_at_another_size_are_resized_to_the_images(seg_env, traine
         assert torch.equal(want[k], got[k]), k
 
 
-def test_cpu_vae_encodes_one_image_at_a_time(seg_env):
-    """A CPU VAE gets one image per encode call (ComfyUI's batch estimate undercounts SD's encoder on a
-    CPU: 5 images at 512 px grew the process by 15 GB); the latents equal one batched encode."""
-    from plugkit.nodes.segmentation import runs
+def test_encode_and_features_keep_no_autograd_graph(seg_env):
+    """Called with gradients on (a script or another node, not ComfyUI's inference mode), the latents
+    and features carry no graph: before, each 512 px latent kept about 3 GB of encoder activations."""
+    from plugkit.nodes.segmentation import hooks, runs
 
-    vae = seg_env["vae"]
-    images = seg_env["images"][:3]
-    batched = vae.encode(images).float().cpu()
-    calls = []
-
-    class Counting:
-        device = vae.device
-
-        def encode(self, pixels):
-            calls.append(pixels.shape[0])
-            return vae.encode(pixels)
-
-    latents = runs.encode(Counting(), images)
-    assert calls == [1, 1, 1]
-    torch.testing.assert_close(latents, batched, rtol=0, atol=1e-5 * float(batched.abs().max()))
+    env = seg_env
+    for p in env["vae"].first_stage_model.parameters():
+        p.requires_grad_(True)  # as ComfyUI 0.3.75 loads them (0.33 turns it off)
+    with torch.enable_grad():
+        latents = runs.encode(env["vae"], env["images"][:2])
+        feats, _ = hooks.extract_features(env["model"], latents, (50,), (5, 9), hooks.empty_conditioning(env["model"]),
+                                          0, "test")
+    assert latents.grad_fn is None and not latents.requires_grad
+    assert feats.grad_fn is None and not feats.requires_grad

@@ -43,7 +43,8 @@ def run(ctx) -> str:
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if not torch.cuda.is_available() else threads)
     try:
-        return _run(ctx)
+        with torch.inference_mode():  # as ComfyUI's executor runs every node
+            return _run(ctx)
     finally:
         torch.set_num_threads(threads)
 
